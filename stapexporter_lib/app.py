@@ -1,0 +1,154 @@
+"""WSGI routing: status codes, headers, the index page.
+
+The real work is ``App.respond()``, a plain method returning
+``(status, headers, body)``; ``App.__call__`` is the thin WSGI shell.  It asks
+the manager for sessions and sessions for outcomes; it never spawns anything.
+"""
+
+import html
+import time
+from typing import Callable, List, Optional, Tuple
+
+from . import __version__
+from .catalog import valid_name
+from .session import Outcome, Session, escape_line
+
+CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
+CONTENT_TYPE_HTML = "text/html; charset=utf-8"
+
+NOT_READY_PREFIX = "Refresh page to access metrics."
+
+# How long a scrape may wait for output when the client sets no deadline.
+DEFAULT_SCRAPE_TIMEOUT = 5.0
+# Answer this much before a Prometheus scraper's own deadline.
+SCRAPE_TIMEOUT_MARGIN = 0.25
+MIN_SCRAPE_TIMEOUT = 0.1
+
+Response = Tuple[str, List[Tuple[str, str]], bytes]
+
+_STATUS = {
+    200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found",
+    405: "405 Method Not Allowed", 502: "502 Bad Gateway",
+    503: "503 Service Unavailable",
+}
+
+
+def text_response(code: int, text: str, extra: Optional[List[Tuple[str, str]]] = None) -> Response:
+    body = text.encode("utf-8", "replace")
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    headers = [("Content-Type", CONTENT_TYPE_TEXT)] + (extra or [])
+    return _STATUS[code], headers, body
+
+
+class App:
+    """The exporter's HTTP interface."""
+
+    def __init__(self, manager, default_timeout: float = DEFAULT_SCRAPE_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic):
+        self.manager = manager
+        self.default_timeout = default_timeout
+        self.clock = clock
+
+    def __call__(self, environ, start_response):
+        status, headers, body = self.respond(environ)
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return [b""]
+        return [body]
+
+    def respond(self, environ) -> Response:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return text_response(405, "Method %s is not allowed; use GET or HEAD."
+                                 % escape_line(method)[:32], [("Allow", "GET, HEAD")])
+        path = environ.get("PATH_INFO", "/")
+        if path == "/":
+            return self.index(environ)
+        name = path[1:]
+        if not valid_name(name):
+            return text_response(404, "Not found. Scripts are served as /NAME.stp; see / for"
+                                 " the list.")
+        session = self.manager.get(name)
+        if session is None:
+            return text_response(404, "No script named %s in the scripts directory."
+                                 % escape_line(name)[:300])
+        return self.scrape(session, environ)
+
+    def scrape(self, session: Session, environ) -> Response:
+        outcome = session.scrape(self._timeout(environ))
+        if outcome.kind == Outcome.OK:
+            return "200 OK", [("Content-Type", CONTENT_TYPE_METRICS)], outcome.body
+        extra = []
+        if outcome.retry_after is not None:
+            extra.append(("Retry-After", "%d" % max(1, round(outcome.retry_after))))
+        if outcome.kind == Outcome.NOT_READY:
+            return text_response(503, "%s  %s" % (NOT_READY_PREFIX, outcome.message), extra)
+        if outcome.kind == Outcome.FAILED:
+            return text_response(502, outcome.message + "\nThe next request starts it again.")
+        return text_response(503, "Script output unavailable: %s" % outcome.message, extra)
+
+    def _timeout(self, environ) -> float:
+        """The scrape's deadline: ours, shortened to end a little before the
+        scraper's own (Prometheus sends X-Prometheus-Scrape-Timeout-Seconds)."""
+        timeout = self.default_timeout
+        raw = environ.get("HTTP_X_PROMETHEUS_SCRAPE_TIMEOUT_SECONDS")
+        if raw:
+            try:
+                theirs = float(raw)
+            except ValueError:
+                theirs = None
+            if theirs is not None and theirs > 0:
+                timeout = min(timeout, theirs - SCRAPE_TIMEOUT_MARGIN)
+        return max(MIN_SCRAPE_TIMEOUT, timeout)
+
+    # -- index page -------------------------------------------------------
+
+    def index(self, environ) -> Response:
+        rows = []
+        for s in self.manager.all():
+            uptime = s.uptime()
+            rows.append((s.name, s.state, str(s.pid) if s.pid else "-",
+                         "%.0fs" % uptime if uptime is not None else "-",
+                         str(s.starts), s.last_error or "-"))
+        error = self.manager.catalog.last_error
+        if "text/html" in environ.get("HTTP_ACCEPT", ""):
+            return "200 OK", [("Content-Type", CONTENT_TYPE_HTML)], self._html(rows, error)
+        return "200 OK", [("Content-Type", CONTENT_TYPE_TEXT)], self._text(rows, error)
+
+    def _text(self, rows, error) -> bytes:
+        lines = ["stap-exporter %s: %d scripts in %s" % (
+            __version__, len(rows), self.manager.catalog.directory)]
+        if error:
+            lines.append("error: " + error)
+        header = ("SCRIPT", "STATE", "PID", "UPTIME", "STARTS", "LAST ERROR")
+        table = [header] + rows
+        widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+        for r in table:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        return ("\n".join(lines) + "\n").encode("utf-8", "replace")
+
+    def _html(self, rows, error) -> bytes:
+        e = html.escape
+        out = ["<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+               "<title>stap-exporter</title></head><body>",
+               "<h1>stap-exporter %s</h1>" % e(__version__),
+               "<p>%d scripts in <code>%s</code></p>" % (len(rows),
+                                                        e(self.manager.catalog.directory))]
+        if error:
+            out.append("<p><strong>error:</strong> %s</p>" % e(error))
+        out.append("<table border=\"1\"><tr><th>script</th><th>state</th><th>pid</th>"
+                   "<th>uptime</th><th>starts</th><th>last error</th></tr>")
+        for name, state, pid, uptime, starts, err in rows:
+            out.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td><td>%s</td>"
+                       "<td>%s</td><td>%s</td></tr>" % (
+                           e(_quote(name)), e(name), e(state), pid, uptime, starts, e(err)))
+        out.append("</table></body></html>\n")
+        return "\n".join(out).encode("utf-8", "replace")
+
+
+def _quote(name: str) -> str:
+    from urllib.parse import quote
+    return quote(name, safe="")

@@ -1,0 +1,150 @@
+"""The scripts directory: which ``*.stp`` files exist and what they are called.
+
+The catalog maps URL names (``foo.stp``) to files and gives every script a
+systemtap module name that is valid (``[a-z0-9_]``, at most 55 characters),
+unique within this exporter process, and stable for its lifetime.  Module names
+carry the exporter's pid so that two exporters on one host never collide and a
+later exporter can recognise (and clean) the leftovers of a dead one.
+
+It starts nothing.
+"""
+
+import logging
+import os
+import re
+import stat
+import zlib
+from typing import Dict, List, Optional, Tuple
+
+log = logging.getLogger("stap-exporter")
+
+SUFFIX = ".stp"
+AUTOSTART_MARK = "autostart"
+MODULE_PREFIX = "stapexp_"
+MODULE_MAX = 55
+
+# Module names of ours: prefix, owning exporter's pid, script slug.
+MODULE_RE = re.compile(r"^" + MODULE_PREFIX + r"(\d+)_[a-z0-9_]+$")
+
+
+class Script:
+    """One servable script file."""
+
+    __slots__ = ("name", "path", "module", "autostart")
+
+    def __init__(self, name: str, path: str, module: str):
+        self.name = name
+        self.path = path
+        self.module = module
+        self.autostart = AUTOSTART_MARK in name
+
+    def is_executable(self) -> bool:
+        """Executable files run directly; others run through ``--stap``."""
+        return os.access(self.path, os.X_OK)
+
+    def __repr__(self):
+        return "Script(%r, module=%r)" % (self.name, self.module)
+
+
+def valid_name(name: str) -> bool:
+    """True when NAME can only name a file directly inside the directory."""
+    return (name.endswith(SUFFIX) and len(name) > len(SUFFIX)
+            and not name.startswith(".")
+            and "/" not in name and "\\" not in name and "\0" not in name
+            and len(name) <= 255)
+
+
+class Catalog:
+    """Names -> scripts for one directory; ``rescan()`` refreshes it."""
+
+    def __init__(self, directory: str, pid: Optional[int] = None):
+        self.directory = directory
+        self.pid = os.getpid() if pid is None else pid
+        self._scripts: Dict[str, Script] = {}
+        self._modules: Dict[str, str] = {}  # name -> module, never forgotten
+        self._used_modules = set()
+        self.last_error: Optional[str] = None
+
+    def get(self, name: str) -> Optional[Script]:
+        return self._scripts.get(name)
+
+    def names(self) -> List[str]:
+        return sorted(self._scripts)
+
+    def scripts(self) -> List[Script]:
+        return [self._scripts[n] for n in sorted(self._scripts)]
+
+    def __len__(self):
+        return len(self._scripts)
+
+    def lookup(self, name: str) -> Optional[Script]:
+        """The script called NAME, rescanning when NAME is not known yet but a
+        file of that name now exists (so new scripts need no restart)."""
+        script = self._scripts.get(name)
+        if script is not None or not valid_name(name):
+            return script
+        if self._is_script_file(os.path.join(self.directory, name)):
+            self.rescan()
+        return self._scripts.get(name)
+
+    def rescan(self) -> Tuple[List[str], List[str]]:
+        """Re-read the directory.  Returns (added, removed) names.  When the
+        directory cannot be read, keeps the known scripts, records the reason
+        in ``last_error`` and logs it."""
+        try:
+            entries = os.listdir(self.directory)
+        except OSError as exc:
+            self.last_error = "cannot read scripts directory %s: %s" % (
+                self.directory, exc.strerror)
+            log.error("rescan failed: %s", self.last_error)
+            return [], []
+        if self.last_error:
+            log.info("rescan: scripts directory %s is readable again", self.directory)
+        self.last_error = None
+        found = {}
+        for name in entries:
+            if not valid_name(name):
+                continue
+            path = os.path.join(self.directory, name)
+            if not self._is_script_file(path):
+                continue
+            script = self._scripts.get(name)
+            found[name] = script if script is not None else Script(
+                name, path, self._module_for(name))
+        added = sorted(set(found) - set(self._scripts))
+        removed = sorted(set(self._scripts) - set(found))
+        self._scripts = found
+        return added, removed
+
+    @staticmethod
+    def _is_script_file(path: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks
+        except OSError:
+            return False
+
+    def _module_for(self, name: str) -> str:
+        module = self._modules.get(name)
+        if module is None:
+            module = self._make_module(name)
+            self._modules[name] = module
+            self._used_modules.add(module)
+        return module
+
+    def _make_module(self, name: str) -> str:
+        base = name[:-len(SUFFIX)]
+        slug = re.sub(r"[^a-z0-9_]+", "_", base.lower()).strip("_") or "script"
+        head = "%s%d_" % (MODULE_PREFIX, self.pid)
+        module = head + slug
+        if slug == base and len(module) <= MODULE_MAX and module not in self._used_modules:
+            return module
+        # Altered, too long or taken: keep it readable and add a checksum of
+        # the exact file name to tell such names apart.
+        salt = 0
+        while True:
+            digest = "%08x" % zlib.crc32(("%s\0%d" % (name, salt)).encode("utf-8", "surrogateescape"))
+            room = MODULE_MAX - len(head) - len(digest) - 1
+            module = "%s%s_%s" % (head, slug[:room].rstrip("_") or "s", digest)
+            if module not in self._used_modules:
+                return module
+            salt += 1

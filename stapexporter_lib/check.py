@@ -1,0 +1,61 @@
+"""``stap-exporter --check``: elaborate every script with systemtap (-p2)."""
+
+import os
+import subprocess
+import sys
+from typing import List, Tuple
+
+from .catalog import Catalog
+
+CHECK_TIMEOUT = 120.0
+ERROR_LINES = 3
+
+
+def check_argv(script, stap: List[str]) -> List[str]:
+    """Executable wrappers pass their arguments on to stap: append -p2.
+    Plain scripts run through --stap."""
+    if script.is_executable():
+        return [script.path, "-p2"]
+    return list(stap) + ["-p2", script.path]
+
+
+def check_one(script, stap: List[str]) -> Tuple[bool, str]:
+    """(ok, first error lines or "OK")."""
+    argv = check_argv(script, stap)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=CHECK_TIMEOUT,
+                              cwd=os.path.dirname(script.path))
+    except FileNotFoundError as exc:
+        return False, "cannot run %s: %s" % (argv[0], exc.strerror)
+    except PermissionError as exc:
+        return False, "cannot run %s: %s" % (argv[0], exc.strerror)
+    except subprocess.TimeoutExpired:
+        return False, "timed out after %.0f s" % CHECK_TIMEOUT
+    if proc.returncode == 0:
+        return True, "OK"
+    lines = [l.strip() for l in proc.stderr.decode("utf-8", "replace").splitlines()
+             if l.strip() and not l.startswith("WARNING:")]
+    errors = [l for l in lines if "error" in l.lower()] or lines
+    return False, "; ".join(errors[:ERROR_LINES]) or "exit status %d" % proc.returncode
+
+
+def run_check(config, out=None) -> int:
+    out = out or sys.stdout
+    catalog = Catalog(config.scripts_dir)
+    catalog.rescan()
+    if catalog.last_error:
+        print("stap-exporter: error: %s" % catalog.last_error, file=sys.stderr)
+        return 2
+    scripts = catalog.scripts()
+    if not scripts:
+        print("stap-exporter: error: no *.stp scripts in %s" % config.scripts_dir,
+              file=sys.stderr)
+        return 1
+    failed = 0
+    for script in scripts:
+        ok, text = check_one(script, config.stap)
+        failed += not ok
+        print("%s: %s" % (script.name, text if ok else "FAILED: " + text), file=out, flush=True)
+    print("%d scripts checked, %d failed" % (len(scripts), failed), file=out)
+    return 1 if failed else 0

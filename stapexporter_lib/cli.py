@@ -1,0 +1,168 @@
+"""Command line: the docopt usage text (it mirrors the man page) and its
+validation into a ``Config``.  Touches no sockets and starts no processes."""
+
+import math
+import os
+import shlex
+import sys
+from typing import List, Optional
+
+from docopt import DocoptExit, docopt
+
+from . import __version__, procfs
+
+PROG = "stap-exporter"
+
+
+def default_scripts_dir() -> str:
+    """Where the bundled scripts are installed: PREFIX/share/stap-exporter/scripts
+    (/usr/share/stap-exporter/scripts for a distribution package)."""
+    return os.path.join(sys.prefix, "share", "stap-exporter", "scripts")
+
+
+USAGE = """\
+stap-exporter - serve SystemTap scripts' Prometheus metrics over HTTP.
+
+Usage:
+  stap-exporter [options]
+  stap-exporter --check [options]
+  stap-exporter -h | --help
+  stap-exporter --version
+
+Options:
+  -p --port PORT            TCP port to listen on; 0 picks a free one
+                            [default: 9900].
+  -k --keepalive KEEPALIVE  Stop a script KEEPALIVE seconds after its last
+                            request (default: never; once started, scripts
+                            run until the exporter stops).
+  -s --scripts SCRIPTS      Directory searched for *.stp scripts
+                            [default: {scripts}].
+  -c SCRIPTS                Same as --scripts.
+  --listen ADDR             Address to listen on, e.g. 127.0.0.1 or ::1
+                            (default: all interfaces, IPv6 and IPv4).
+  --stap CMD                Command that runs a script file that is not
+                            executable; split like a shell would [default: stap].
+  --procfs-dirs DIRS        Colon-separated directories searched for
+                            MODULE/__prometheus [default: {procfs}].
+  --log-level LEVEL         debug, info, warning or error [default: info].
+  --check                   Check every script with systemtap (stap -p2),
+                            print one line per script and exit.
+  -h --help                 Show this help and exit.
+  --version                 Show the version and exit.
+"""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class UsageError(Exception):
+    """A bad command line; the message is one line for the user."""
+
+
+class Config:
+    """Validated settings."""
+
+    def __init__(self, port: int, keepalive: Optional[float], scripts_dir: str,
+                 listen: Optional[str], stap: List[str], procfs_dirs: List[str],
+                 log_level: str, check: bool):
+        self.port = port
+        self.keepalive = keepalive
+        self.scripts_dir = scripts_dir
+        self.listen = listen
+        self.stap = stap
+        self.procfs_dirs = procfs_dirs
+        self.log_level = log_level
+        self.check = check
+
+    def __repr__(self):
+        return "Config(%r)" % self.__dict__
+
+
+def usage_text() -> str:
+    return USAGE.format(scripts=default_scripts_dir(),
+                        procfs=":".join(procfs.default_dirs()))
+
+
+def parse(argv: List[str]) -> Config:
+    """ARGV (without the program name) -> Config.  Raises UsageError.
+    ``--help`` and ``--version`` print and raise SystemExit(0), as docopt does."""
+    try:
+        args = docopt(usage_text(), argv=argv, version="%s %s" % (PROG, __version__))
+    except DocoptExit:
+        raise UsageError("invalid arguments %s (see '%s --help')"
+                         % (" ".join(shlex.quote(a) for a in argv), PROG)) from None
+    return Config(port=_port(args["--port"]),
+                  keepalive=_keepalive(args["--keepalive"]),
+                  scripts_dir=_scripts_dir(args["-c"] or args["--scripts"]),
+                  listen=_listen(args["--listen"]),
+                  stap=_stap(args["--stap"]),
+                  procfs_dirs=_procfs_dirs(args["--procfs-dirs"]),
+                  log_level=_log_level(args["--log-level"]),
+                  check=bool(args["--check"]))
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value, 10)
+    except ValueError:
+        raise UsageError("--port: %r is not a number" % value) from None
+    if not 0 <= port <= 65535:
+        raise UsageError("--port: %d is out of range (0-65535)" % port)
+    return port
+
+
+def _keepalive(value: Optional[str]) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError("--keepalive: %r is not a number of seconds" % value) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError("--keepalive: %r must be a positive number of seconds" % value)
+    return seconds
+
+
+def _scripts_dir(value: str) -> str:
+    path = os.path.abspath(value)
+    if not os.path.exists(path):
+        raise UsageError("--scripts: directory %s does not exist" % path)
+    if not os.path.isdir(path):
+        raise UsageError("--scripts: %s is not a directory" % path)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError("--scripts: directory %s is not readable" % path)
+    return path
+
+
+def _listen(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    addr = value.strip()
+    if addr.startswith("[") and addr.endswith("]"):
+        addr = addr[1:-1]
+    if not addr:
+        raise UsageError("--listen: empty address")
+    return addr
+
+
+def _stap(value: str) -> List[str]:
+    try:
+        words = shlex.split(value)
+    except ValueError as exc:
+        raise UsageError("--stap: cannot parse %r: %s" % (value, exc)) from None
+    if not words:
+        raise UsageError("--stap: empty command")
+    return words
+
+
+def _procfs_dirs(value: str) -> List[str]:
+    dirs = [d for d in value.split(":") if d]
+    if not dirs:
+        raise UsageError("--procfs-dirs: no directory given")
+    return [os.path.abspath(d) for d in dirs]
+
+
+def _log_level(value: str) -> str:
+    level = value.lower()
+    if level not in LOG_LEVELS:
+        raise UsageError("--log-level: %r is not one of %s" % (value, ", ".join(LOG_LEVELS)))
+    return level

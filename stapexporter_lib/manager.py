@@ -1,0 +1,109 @@
+"""The set of sessions: lookups, autostarts, rescans and shutdown."""
+
+import logging
+import os
+import time
+from typing import Callable, Dict, List, Optional
+
+import gevent
+
+from .catalog import Catalog
+from .session import Session, SessionConfig
+
+log = logging.getLogger("stap-exporter")
+
+
+class Manager:
+    """Owns one Session per known script and decides when they come and go."""
+
+    def __init__(self, catalog: Catalog, config: SessionConfig,
+                 clock: Callable[[], float] = time.monotonic, session_factory=Session):
+        self.catalog = catalog
+        self.config = config
+        self.clock = clock
+        self._factory = session_factory
+        self.sessions: Dict[str, Session] = {}
+        self.shutting_down = False
+
+    def start(self) -> None:
+        """Scan the directory and start every autostart script."""
+        self.catalog.rescan()
+        self._start_autostarts()
+
+    def get(self, name: str) -> Optional[Session]:
+        """The session serving NAME, or None if there is no such script.
+
+        A script whose file was removed keeps serving while it runs and is
+        forgotten once it has stopped."""
+        session = self.sessions.get(name)
+        script = self.catalog.get(name)
+        if script is not None and (session is None or not session.live):
+            # Not running: make sure the file is still there before starting.
+            if not os.path.isfile(script.path):
+                self.catalog.rescan()
+                script = self.catalog.get(name)
+        elif script is None:
+            script = self.catalog.lookup(name)
+        if script is None:
+            if session is not None and session.live:
+                return session
+            self.sessions.pop(name, None)
+            return None
+        if session is None or session.script is not script:
+            if session is not None and session.live:
+                return session
+            session = self.sessions[name] = self._factory(script, self.config, clock=self.clock)
+        return session
+
+    def all(self) -> List[Session]:
+        """A session for every known script (created lazily), sorted by name,
+        plus removed scripts that are still running."""
+        for name in self.catalog.names():
+            if name not in self.sessions:
+                self.get(name)
+        return [self.sessions[n] for n in sorted(self.sessions)]
+
+    def rescan(self) -> None:
+        """Re-read the directory (SIGHUP): start new autostart scripts, stop
+        autostart scripts whose file is gone."""
+        added, removed = self.catalog.rescan()
+        if added or removed:
+            log.info("rescan: %d scripts (added: %s; removed: %s)", len(self.catalog),
+                     ", ".join(added) or "none", ", ".join(removed) or "none")
+        for name in removed:
+            session = self.sessions.get(name)
+            if session is None or not session.live:
+                self.sessions.pop(name, None)
+            elif session.script.autostart:
+                gevent.spawn(self._stop_and_forget, name, session)
+        self._start_autostarts()
+
+    def _stop_and_forget(self, name: str, session: Session) -> None:
+        session.stop()
+        if self.sessions.get(name) is session and self.catalog.get(name) is None:
+            del self.sessions[name]
+
+    def _start_autostarts(self) -> None:
+        if self.shutting_down:
+            return
+        for script in self.catalog.scripts():
+            if script.autostart:
+                session = self.get(script.name)
+                if session is not None and not session.live:
+                    log.info("autostart: script=%s", script.name)
+                    session.start()
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Stop every script at once and wait; True if all stopped in time."""
+        self.shutting_down = True
+        live = [s for s in self.sessions.values() if s.live]
+        if not live:
+            return True
+        log.info("shutdown: stopping %d scripts", len(live))
+        budget = timeout if timeout is not None else self.config.stop_grace + 10
+        workers = [gevent.spawn(s.stop, budget) for s in live]
+        gevent.joinall(workers, timeout=budget + 1)
+        left = [s.name for s in live if s.live]
+        if left:
+            log.error("shutdown: scripts still running after %g s: %s", budget, ", ".join(left))
+        return not left

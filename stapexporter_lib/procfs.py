@@ -1,0 +1,193 @@
+"""Locating and reading a script's ``MODULE/__prometheus`` output.
+
+Two shapes exist in the wild:
+
+* the kernel-module runtime makes a regular procfs file
+  ``/proc/systemtap/MODULE/__prometheus`` (capped at 64 KiB by the tapset);
+* the BPF runtime makes a FIFO ``/var/tmp/systemtap-USER/MODULE/__prometheus``.
+  ``stapbpf`` opens it for writing, writes the current text, closes it, and
+  reopens it for the next reader.
+
+Neither may block the gevent hub.  A plain ``open()`` of a FIFO without a
+writer blocks forever, so FIFOs are opened with ``O_NONBLOCK`` and waited on
+with the hub's I/O watcher under a deadline.  Regular files are read in the
+hub's thread pool: a procfs read runs the script's ``prometheus`` probe in the
+kernel and may take a while for large arrays.
+
+This module knows nothing about sessions; directories are parameters so tests
+can point them at a fixture tree.
+"""
+
+import errno
+import os
+import pwd
+import stat
+import time
+from typing import Callable, Iterable, List, Optional
+
+import gevent
+from gevent.socket import wait_read
+
+OUTPUT_NAME = "__prometheus"
+
+# Upper bound on one script's output.  The kernel runtime caps it at 64 KiB;
+# the BPF runtime has no cap, so keep a generous one that still bounds memory.
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+_READ_CHUNK = 65536
+
+
+class OutputError(Exception):
+    """The output exists but could not be read (reason in the message)."""
+
+
+class OutputTimeout(OutputError):
+    """No complete output arrived before the deadline."""
+
+
+class OutputTooLarge(OutputError):
+    """The output exceeded the size limit."""
+
+
+def default_dirs() -> List[str]:
+    """The directories systemtap's runtimes create module directories in."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return ["/proc/systemtap", "/var/tmp/systemtap-" + user]
+
+
+def find_output(module: str, dirs: Iterable[str]) -> Optional[str]:
+    """Return the path of MODULE's output file in the first of DIRS that has
+    it, or None when no runtime has created it (yet)."""
+    for directory in dirs:
+        path = os.path.join(directory, module, OUTPUT_NAME)
+        try:
+            os.stat(path)
+        except OSError:
+            continue
+        return path
+    return None
+
+
+def module_dirs(module: str, dirs: Iterable[str]) -> List[str]:
+    """Every existing ``DIR/MODULE`` directory (for clean-up after a stop)."""
+    return [os.path.join(d, module) for d in dirs
+            if os.path.isdir(os.path.join(d, module))]
+
+
+def read_output(path: str, timeout: float,
+                max_bytes: int = DEFAULT_MAX_BYTES,
+                clock: Callable[[], float] = time.monotonic) -> bytes:
+    """Read the whole output at PATH within TIMEOUT seconds.
+
+    Returns the bytes exactly as the runtime produced them (possibly empty for
+    a regular file).  Raises FileNotFoundError when PATH is gone,
+    OutputTimeout when the deadline passes, OutputTooLarge beyond MAX_BYTES,
+    and OutputError for other I/O errors.
+    """
+    deadline = clock() + timeout
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise OutputError("cannot stat output: %s" % exc.strerror) from None
+    if stat.S_ISFIFO(mode):
+        return _read_fifo(path, deadline, max_bytes, clock)
+    return _read_file_in_thread(path, deadline, max_bytes, clock)
+
+
+def _read_file(path: str, max_bytes: int) -> bytes:
+    chunks = []
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            # procfs files may return short reads: keep going to end-of-file.
+            data = f.read(min(4 * _READ_CHUNK, max_bytes + 1 - total))
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            total += len(data)
+            if total > max_bytes:
+                raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+
+
+def _read_file_in_thread(path, deadline, max_bytes, clock) -> bytes:
+    pool = gevent.get_hub().threadpool
+    job = pool.spawn(_read_file, path, max_bytes)
+    remaining = deadline - clock()
+    try:
+        return job.get(timeout=max(remaining, 0.0))
+    except gevent.Timeout:
+        raise OutputTimeout("reading output took longer than the deadline") from None
+    except (FileNotFoundError, OutputError):
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(exc.errno, exc.strerror, path) from None
+        raise OutputError("cannot read output: %s" % exc.strerror) from None
+
+
+# Pause between attempts when a FIFO reader saw end-of-file with no data
+# (it opened between two of stapbpf's write cycles).
+_EMPTY_RETRY_PAUSE = 0.005
+_EMPTY_RETRY_PAUSE_MAX = 0.1
+
+
+def _read_fifo(path, deadline, max_bytes, clock) -> bytes:
+    pause = _EMPTY_RETRY_PAUSE
+    while True:
+        data = _read_fifo_once(path, deadline, max_bytes, clock)
+        if data:
+            return data
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise OutputTimeout("the script wrote no output before the deadline")
+        gevent.sleep(min(pause, remaining))
+        pause = min(pause * 2, _EMPTY_RETRY_PAUSE_MAX)
+
+
+def _read_fifo_once(path, deadline, max_bytes, clock) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise OutputError("cannot open output FIFO: %s" % exc.strerror) from None
+    chunks = []
+    total = 0
+    try:
+        while True:
+            # Linux reports a FIFO readable only once a writer has connected
+            # since we opened it, so this waits for the runtime's next cycle.
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise OutputTimeout("the script's output FIFO got no writer"
+                                    " before the deadline" if not chunks else
+                                    "the script stalled while writing output")
+            wait_read(fd, timeout=remaining, timeout_exc=_WaitTimeout)
+            while True:
+                try:
+                    data = os.read(fd, _READ_CHUNK)
+                except BlockingIOError:
+                    break  # writer connected but paused: wait again
+                except OSError as exc:
+                    raise OutputError("cannot read output FIFO: %s" % exc.strerror) from None
+                if not data:
+                    return b"".join(chunks)
+                chunks.append(data)
+                total += len(data)
+                if total > max_bytes:
+                    raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+    except _WaitTimeout:
+        raise OutputTimeout("the script's output FIFO got no writer before the deadline"
+                            if not chunks else
+                            "the script stalled while writing output") from None
+    finally:
+        os.close(fd)
+
+
+class _WaitTimeout(Exception):
+    pass

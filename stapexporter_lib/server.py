@@ -1,0 +1,171 @@
+"""WSGIServer wiring, signals and the run loop; ``main()`` lives here.
+
+Signal handlers only record what to do; the work (rescans, shutdown) runs in
+greenlets, never inside the handler.
+"""
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import List, Optional
+
+import gevent
+import gevent.event
+from gevent import pywsgi
+from gevent import socket as gsocket
+
+from . import __version__, cli
+from .app import App
+from .catalog import Catalog
+from .logs import AccessLog, setup_logging
+from .manager import Manager
+from .session import SessionConfig, set_child_subreaper
+
+log = logging.getLogger("stap-exporter")
+
+BACKLOG = 1024
+
+
+class StartupError(Exception):
+    """The server could not start; the message is one line for the user."""
+
+
+class Handler(pywsgi.WSGIHandler):
+    """pywsgi's handler, with request-derived text escaped in its logs."""
+
+    def log_error(self, msg, *args):
+        try:
+            message = msg % args if args else msg
+        except TypeError:
+            message = "%r %r" % (msg, args)
+        log.warning("http: client=%s %s", _peer(self.client_address),
+                    cli_escape(str(message))[:500])
+
+
+def cli_escape(text: str) -> str:
+    from .session import escape_line
+    return escape_line(text)
+
+
+def _peer(address) -> str:
+    if isinstance(address, tuple) and address:
+        return "%s:%s" % (address[0], address[1]) if len(address) > 1 else str(address[0])
+    return str(address or "-")
+
+
+class Server(pywsgi.WSGIServer):
+    """WSGIServer with TCP_NODELAY on accepted sockets: pywsgi writes the
+    headers and the body separately, and without it a keep-alive client waits
+    for the delayed ACK (~40 ms) on every response."""
+
+    handler_class = Handler
+
+    def handle(self, sock, address):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle(sock, address)
+
+
+def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
+    """Bind and listen.  ADDR None means every interface: IPv6 dual-stack
+    when the host has IPv6, IPv4 otherwise.  Raises StartupError."""
+    candidates = [("::", True), ("0.0.0.0", False)] if addr is None else [(addr, False)]
+    last = None
+    for host, dual in candidates:
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+        except socket.gaierror as exc:
+            last = "cannot listen on %s: %s" % (host, exc.strerror)
+            continue
+        family, _, _, _, sockaddr = infos[0]
+        sock = gsocket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and dual:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+            sock.listen(BACKLOG)
+            return sock
+        except OSError as exc:
+            sock.close()
+            shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+            last = "cannot listen on %s: %s" % (shown, exc.strerror)
+            if addr is None and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue
+            break
+    raise StartupError(last)
+
+
+class Exporter:
+    """The running daemon: listener, manager, server and signal handling."""
+
+    def __init__(self, config: cli.Config):
+        self.config = config
+        self.catalog = Catalog(config.scripts_dir)
+        self.manager = Manager(self.catalog, SessionConfig(
+            stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive))
+        self.app = App(self.manager)
+        self.server: Optional[Server] = None
+        self._stopping = gevent.event.Event()
+
+    def serve(self) -> int:
+        listener = make_listener(self.config.listen, self.config.port)
+        set_child_subreaper()
+        self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
+                             spawn="default")
+        self.server.start()
+        host, port = listener.getsockname()[:2]
+        shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+        self.manager.start()
+        log.info("started: stap-exporter %s listening on %s, scripts in %s: %s",
+                 __version__, shown, self.catalog.directory,
+                 ", ".join(self.catalog.names()) or "none")
+        gevent.signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        gevent.signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+        gevent.signal_handler(signal.SIGHUP, self._on_hup)
+        self._stopping.wait()
+        return self._shutdown()
+
+    def _on_stop_signal(self, name: str) -> None:
+        log.info("signal: %s received, shutting down", name)
+        self._stopping.set()
+
+    def _on_hup(self) -> None:
+        log.info("signal: SIGHUP received, rescanning %s", self.catalog.directory)
+        gevent.spawn(self.manager.rescan)
+
+    def _shutdown(self) -> int:
+        # Stop accepting first, then stop the scripts while in-flight
+        # requests finish, then wait for those.
+        self.server.close()
+        ok = self.manager.shutdown()
+        self.server.stop(timeout=2)
+        log.info("exited: stap-exporter stopped%s", "" if ok else " (some scripts did not stop)")
+        return 0 if ok else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The stap-exporter command.  Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = cli.parse(argv)
+    except cli.UsageError as exc:
+        print("%s: error: %s" % (cli.PROG, exc), file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    if config.check:
+        from .check import run_check
+        return run_check(config)
+    try:
+        return Exporter(config).serve()
+    except StartupError as exc:
+        print("%s: error: %s" % (cli.PROG, exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,228 @@
+"""Shared fixtures: a real stap-exporter daemon started as a user would, on a
+free loopback port, with the stand-in ``fakestap`` as its systemtap."""
+
+import http.client
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+FAKESTAP = os.path.join(TESTS, "fakestap")
+EXPORTER = os.path.join(ROOT, "stapexporter.py")
+
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Poll PREDICATE until it returns a true value or TIMEOUT passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0): look at its state.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_matching(text):
+    """Pids of live processes whose command line contains TEXT."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmdline and pid_alive(int(entry)):
+            pids.append(int(entry))
+    return pids
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8", "replace")
+
+    def header(self, name):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def __repr__(self):
+        return "<Response %d %r>" % (self.status, self.body[:200])
+
+
+class Exporter:
+    """A stap-exporter subprocess."""
+
+    def __init__(self, scripts, procfs, args=(), env=None, host="127.0.0.1"):
+        self.scripts = str(scripts)
+        self.procfs = str(procfs)
+        self.host = host
+        self.log_lines = []
+        self._log_cond = threading.Condition()
+        cmd = [sys.executable, EXPORTER, "-p", "0", "--listen", host, "-s", self.scripts,
+               "--stap", FAKESTAP, "--procfs-dirs", self.procfs, "--log-level", "debug"]
+        cmd += list(args)
+        full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        line = self.wait_log(r"listening on (\S+), scripts", timeout=15)
+        addr = re.search(r"listening on (\S+), scripts", line).group(1)
+        self.port = int(addr.rsplit(":", 1)[1])
+        self.module_prefix = "stapexp_%d_" % self.proc.pid
+
+    def _read_log(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._log_cond:
+                self.log_lines.append(line)
+                self._log_cond.notify_all()
+
+    def log_text(self):
+        with self._log_cond:
+            return "\n".join(self.log_lines)
+
+    def wait_log(self, pattern, timeout=10.0, start=0):
+        """Wait for a log line matching PATTERN (a regex); return it."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._log_cond:
+            i = start
+            while True:
+                while i < len(self.log_lines):
+                    if rx.search(self.log_lines[i]):
+                        return self.log_lines[i]
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and i >= len(self.log_lines)):
+                    raise AssertionError("no log line matching %r within %.1fs; log:\n%s"
+                                         % (pattern, timeout, "\n".join(self.log_lines[-40:])))
+                self._log_cond.wait(min(left, 0.2))
+
+    def request(self, path, method="GET", headers=None, timeout=10.0):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            return Response(resp.status, resp.getheaders(), resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request(path, **kw)
+
+    def get_until(self, path, status=200, timeout=15.0, **kw):
+        """GET PATH until it answers STATUS; return that response."""
+        last = []
+
+        def attempt():
+            r = self.get(path, **kw)
+            last[:] = [r]
+            return r if r.status == status else None
+        try:
+            return wait_for(attempt, timeout=timeout, interval=0.1,
+                            message="%s to answer %d" % (path, status))
+        except AssertionError:
+            raise AssertionError("%s never answered %d; last: %r" % (path, status, last))
+
+    def children(self):
+        """Pids of live processes running one of this exporter's modules."""
+        return processes_matching(self.module_prefix)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=20.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def write_script(directory, name, directives="", executable=False, body=None):
+    """Write a script for fakestap.  DIRECTIVES go on a '# fake:' line."""
+    path = os.path.join(str(directory), name)
+    text = ""
+    if executable:
+        text += "#!%s\n" % FAKESTAP
+    text += "# fake: %s\n" % directives
+    text += body if body is not None else (
+        'global n\nprobe timer.s(1) { n++ }\n'
+        'probe prometheus { @prometheus_dump_array0(n, "n") }\n')
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755 if executable else 0o644)
+    return path
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    scripts = tmp_path / "scripts"
+    procfs = tmp_path / "procfs"
+    scripts.mkdir()
+    procfs.mkdir()
+    return scripts, procfs
+
+
+@pytest.fixture
+def exporter_factory(dirs):
+    """Start exporters on the fixture directories; all are stopped (and their
+    children checked gone) at the end of the test."""
+    started = []
+    scripts, procfs = dirs
+
+    def start(args=(), **kw):
+        exp = Exporter(scripts, procfs, args=args, **kw)
+        started.append(exp)
+        return exp
+    yield start
+    for exp in started:
+        exp.stop()
+        left = exp.children()
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        assert not left, "children left behind: %s" % left
