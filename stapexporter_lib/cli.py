@@ -44,6 +44,8 @@ Options:
                             executable; split like a shell would [default: stap].
   --procfs-dirs DIRS        Colon-separated directories searched for
                             MODULE/__prometheus [default: {procfs}].
+  --stop-timeout SECONDS    How long a stopping script gets after SIGTERM
+                            before SIGKILL [default: 5].
   --log-level LEVEL         debug, info, warning or error [default: info].
   --check                   Check every script with systemtap (stap -p2),
                             print one line per script and exit.
@@ -63,7 +65,7 @@ class Config:
 
     def __init__(self, port: int, keepalive: Optional[float], scripts_dir: str,
                  listen: Optional[str], stap: List[str], procfs_dirs: List[str],
-                 log_level: str, check: bool):
+                 log_level: str, check: bool, stop_timeout: float = 5.0):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -72,6 +74,7 @@ class Config:
         self.procfs_dirs = procfs_dirs
         self.log_level = log_level
         self.check = check
+        self.stop_timeout = stop_timeout
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -90,14 +93,18 @@ def parse(argv: List[str]) -> Config:
     except DocoptExit:
         raise UsageError("invalid arguments %s (see '%s --help')"
                          % (" ".join(shlex.quote(a) for a in argv), PROG)) from None
-    return Config(port=_port(args["--port"]),
-                  keepalive=_keepalive(args["--keepalive"]),
-                  scripts_dir=_scripts_dir(args["-c"] or args["--scripts"]),
-                  listen=_listen(args["--listen"]),
-                  stap=_stap(args["--stap"]),
-                  procfs_dirs=_procfs_dirs(args["--procfs-dirs"]),
-                  log_level=_log_level(args["--log-level"]),
-                  check=bool(args["--check"]))
+    # Check the plain values first and the file system last.
+    port = _port(args["--port"])
+    keepalive = _keepalive(args["--keepalive"])
+    stop_timeout = _seconds("--stop-timeout", args["--stop-timeout"])
+    listen = _listen(args["--listen"])
+    stap = _stap(args["--stap"])
+    procfs_dirs = _procfs_dirs(args["--procfs-dirs"])
+    log_level = _log_level(args["--log-level"])
+    scripts_dir = _scripts_dir(args["-c"] or args["--scripts"])
+    return Config(port=port, keepalive=keepalive, scripts_dir=scripts_dir, listen=listen,
+                  stap=stap, procfs_dirs=procfs_dirs, log_level=log_level,
+                  check=bool(args["--check"]), stop_timeout=stop_timeout)
 
 
 def _port(value: str) -> int:
@@ -111,14 +118,16 @@ def _port(value: str) -> int:
 
 
 def _keepalive(value: Optional[str]) -> Optional[float]:
-    if value is None:
-        return None
+    return None if value is None else _seconds("--keepalive", value)
+
+
+def _seconds(option: str, value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise UsageError("--keepalive: %r is not a number of seconds" % value) from None
+        raise UsageError("%s: %r is not a number of seconds" % (option, value)) from None
     if not math.isfinite(seconds) or seconds <= 0:
-        raise UsageError("--keepalive: %r must be a positive number of seconds" % value)
+        raise UsageError("%s: %r must be a positive number of seconds" % (option, value))
     return seconds
 
 

@@ -109,7 +109,8 @@ class Exporter:
         self.config = config
         self.catalog = Catalog(config.scripts_dir)
         self.manager = Manager(self.catalog, SessionConfig(
-            stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive))
+            stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
+            stop_grace=config.stop_timeout))
         self.app = App(self.manager)
         self.server: Optional[Server] = None
         self._stopping = gevent.event.Event()

@@ -87,14 +87,14 @@ class Response:
 class Exporter:
     """A stap-exporter subprocess."""
 
-    def __init__(self, scripts, procfs, args=(), env=None, host="127.0.0.1"):
+    def __init__(self, scripts, procfs, args=(), env=None, host="127.0.0.1", stap=FAKESTAP):
         self.scripts = str(scripts)
         self.procfs = str(procfs)
         self.host = host
         self.log_lines = []
         self._log_cond = threading.Condition()
         cmd = [sys.executable, EXPORTER, "-p", "0", "--listen", host, "-s", self.scripts,
-               "--stap", FAKESTAP, "--procfs-dirs", self.procfs, "--log-level", "debug"]
+               "--stap", stap, "--procfs-dirs", self.procfs, "--log-level", "debug"]
         cmd += list(args)
         full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs)
         full_env.update(env or {})
