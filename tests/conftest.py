@@ -226,3 +226,17 @@ def exporter_factory(dirs):
             except OSError:
                 pass
         assert not left, "children left behind: %s" % left
+
+
+REQUIRE_REALSTAP = os.environ.get("STAP_EXPORTER_REQUIRE_REALSTAP") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Where the real runtime is required (CI), a skipped realstap test fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_REALSTAP and report.skipped and item.get_closest_marker("realstap"):
+        report.outcome = "failed"
+        report.longrepr = ("realstap test skipped but STAP_EXPORTER_REQUIRE_REALSTAP=1: %s"
+                           % (report.longrepr,))
