@@ -5,6 +5,7 @@ The real work is ``App.respond()``, a plain method returning
 the manager for sessions and sessions for outcomes; it never spawns anything.
 """
 
+import gzip
 import html
 import time
 from typing import Callable, List, Optional, Tuple
@@ -28,7 +29,7 @@ MIN_SCRAPE_TIMEOUT = 0.1
 Response = Tuple[str, List[Tuple[str, str]], bytes]
 
 _STATUS = {
-    200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found",
+    200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 404: "404 Not Found",
     405: "405 Method Not Allowed", 502: "502 Bad Gateway",
     503: "503 Service Unavailable",
 }
@@ -42,17 +43,45 @@ def text_response(code: int, text: str, extra: Optional[List[Tuple[str, str]]] =
     return _STATUS[code], headers, body
 
 
+# Bodies smaller than this are sent as they are even to gzip-capable clients.
+GZIP_MIN_BYTES = 1024
+GZIP_LEVEL = 6
+
+
+def wants_gzip(environ) -> bool:
+    """True if the client's Accept-Encoding allows gzip (q > 0)."""
+    for item in environ.get("HTTP_ACCEPT_ENCODING", "").split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip()
+            return not (q.startswith("q=") and _float(q[2:]) == 0)
+    return False
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 1.0
+
+
 class App:
     """The exporter's HTTP interface."""
 
     def __init__(self, manager, default_timeout: float = DEFAULT_SCRAPE_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics=None,
+                 validate: bool = False):
         self.manager = manager
         self.default_timeout = default_timeout
         self.clock = clock
+        self.metrics = metrics
+        self.validate = validate
 
     def __call__(self, environ, start_response):
         status, headers, body = self.respond(environ)
+        if status[0] == "2" and len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
+            body = gzip.compress(body, GZIP_LEVEL)
+            headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
         if environ.get("REQUEST_METHOD") == "HEAD":
@@ -67,6 +96,8 @@ class App:
         path = environ.get("PATH_INFO", "/")
         if path == "/":
             return self.index(environ)
+        if path in ROUTES:
+            return getattr(self, ROUTES[path])(environ)
         name = path[1:]
         if not valid_name(name):
             return text_response(404, "Not found. Scripts are served as /NAME.stp; see / for"
@@ -78,9 +109,26 @@ class App:
         return self.scrape(session, environ)
 
     def scrape(self, session: Session, environ) -> Response:
+        started = self.clock()
+        response, reason = self._scrape(session, environ)
+        if self.metrics is not None:
+            self.metrics.observe(session.name, self.clock() - started, reason)
+        return response
+
+    def _scrape(self, session: Session, environ):
+        """(response, error reason or None)."""
         outcome = session.scrape(self._timeout(environ))
         if outcome.kind == Outcome.OK:
-            return "200 OK", [("Content-Type", CONTENT_TYPE_METRICS)], outcome.body
+            if self.validate:
+                problem = validation_error(outcome.body)
+                if problem:
+                    return text_response(502, "The script's output is not valid Prometheus"
+                                         " text: %s" % problem), "invalid"
+            return ("200 OK", [("Content-Type", CONTENT_TYPE_METRICS),
+                               ("Vary", "Accept-Encoding")], outcome.body), None
+        return self._failure(outcome), outcome.kind
+
+    def _failure(self, outcome: Outcome) -> Response:
         extra = []
         if outcome.retry_after is not None:
             extra.append(("Retry-After", "%d" % max(1, round(outcome.retry_after))))
@@ -103,6 +151,25 @@ class App:
             if theirs is not None and theirs > 0:
                 timeout = min(timeout, theirs - SCRAPE_TIMEOUT_MARGIN)
         return max(MIN_SCRAPE_TIMEOUT, timeout)
+
+    # -- the exporter's own endpoints -------------------------------------
+
+    def self_metrics(self, environ) -> Response:
+        if self.metrics is None:
+            return text_response(404, "Self-metrics are disabled.")
+        return "200 OK", [("Content-Type", CONTENT_TYPE_METRICS),
+                          ("Vary", "Accept-Encoding")], self.metrics.render()
+
+    def healthy(self, environ) -> Response:
+        return text_response(200, "stap-exporter is healthy.")
+
+    def ready(self, environ) -> Response:
+        if self.manager.shutting_down:
+            return text_response(503, "stap-exporter is shutting down.")
+        error = self.manager.catalog.last_error
+        if error:
+            return text_response(503, "Not ready: %s" % error)
+        return text_response(200, "stap-exporter is ready.")
 
     # -- index page -------------------------------------------------------
 
@@ -147,6 +214,23 @@ class App:
                            e(_quote(name)), e(name), e(state), pid, uptime, starts, e(err)))
         out.append("</table></body></html>\n")
         return "\n".join(out).encode("utf-8", "replace")
+
+
+ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready"}
+
+
+def validation_error(body: bytes) -> Optional[str]:
+    """None if BODY parses as Prometheus text, else the parser's complaint."""
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        text = body.decode("utf-8")
+        for _ in text_string_to_metric_families(text):
+            pass
+    except UnicodeDecodeError as exc:
+        return "not UTF-8 (%s)" % exc.reason
+    except Exception as exc:  # the parser raises ValueError and others
+        return escape_line(str(exc))[:300] or exc.__class__.__name__
+    return None
 
 
 def _quote(name: str) -> str:

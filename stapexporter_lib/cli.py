@@ -47,6 +47,10 @@ Options:
   --stop-timeout SECONDS    How long a stopping script gets after SIGTERM
                             before SIGKILL [default: 5].
   --log-level LEVEL         debug, info, warning or error [default: info].
+  --log-format FORMAT       logfmt or json [default: logfmt].
+  --validate                Check each script's output with the Prometheus
+                            text parser; answer 502 instead of serving
+                            invalid text.
   --check                   Check every script with systemtap (stap -p2),
                             print one line per script and exit.
   -h --help                 Show this help and exit.
@@ -54,6 +58,7 @@ Options:
 """
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
 
 
 class UsageError(Exception):
@@ -65,7 +70,8 @@ class Config:
 
     def __init__(self, port: int, keepalive: Optional[float], scripts_dir: str,
                  listen: Optional[str], stap: List[str], procfs_dirs: List[str],
-                 log_level: str, check: bool, stop_timeout: float = 5.0):
+                 log_level: str, check: bool, stop_timeout: float = 5.0,
+                 log_format: str = "logfmt", validate: bool = False):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -75,6 +81,8 @@ class Config:
         self.log_level = log_level
         self.check = check
         self.stop_timeout = stop_timeout
+        self.log_format = log_format
+        self.validate = validate
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -101,10 +109,12 @@ def parse(argv: List[str]) -> Config:
     stap = _stap(args["--stap"])
     procfs_dirs = _procfs_dirs(args["--procfs-dirs"])
     log_level = _log_level(args["--log-level"])
+    log_format = _choice("--log-format", args["--log-format"], LOG_FORMATS)
     scripts_dir = _scripts_dir(args["-c"] or args["--scripts"])
     return Config(port=port, keepalive=keepalive, scripts_dir=scripts_dir, listen=listen,
                   stap=stap, procfs_dirs=procfs_dirs, log_level=log_level,
-                  check=bool(args["--check"]), stop_timeout=stop_timeout)
+                  check=bool(args["--check"]), stop_timeout=stop_timeout,
+                  log_format=log_format, validate=bool(args["--validate"]))
 
 
 def _port(value: str) -> int:
@@ -171,7 +181,11 @@ def _procfs_dirs(value: str) -> List[str]:
 
 
 def _log_level(value: str) -> str:
-    level = value.lower()
-    if level not in LOG_LEVELS:
-        raise UsageError("--log-level: %r is not one of %s" % (value, ", ".join(LOG_LEVELS)))
-    return level
+    return _choice("--log-level", value, LOG_LEVELS)
+
+
+def _choice(option: str, value: str, choices) -> str:
+    lowered = value.lower()
+    if lowered not in choices:
+        raise UsageError("%s: %r is not one of %s" % (option, value, ", ".join(choices)))
+    return lowered

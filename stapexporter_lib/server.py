@@ -22,6 +22,7 @@ from .app import App
 from .catalog import Catalog
 from .logs import AccessLog, setup_logging
 from .manager import Manager
+from .selfmetrics import SelfMetrics
 from .session import SessionConfig, set_child_subreaper
 
 log = logging.getLogger("stap-exporter")
@@ -111,7 +112,8 @@ class Exporter:
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
             stop_grace=config.stop_timeout))
-        self.app = App(self.manager)
+        self.metrics = SelfMetrics(self.manager)
+        self.app = App(self.manager, metrics=self.metrics, validate=config.validate)
         self.server: Optional[Server] = None
         self._stopping = gevent.event.Event()
 
@@ -159,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except cli.UsageError as exc:
         print("%s: error: %s" % (cli.PROG, exc), file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     if config.check:
         from .check import run_check
         return run_check(config)

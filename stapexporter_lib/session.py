@@ -34,6 +34,7 @@ from gevent import subprocess
 
 from . import procfs
 from .catalog import Script
+from .declarations import Annotator, parse_declarations
 from .states import (BACKOFF, FAILED, RUNNING, SERVING_STATES, STARTABLE_STATES, STARTING,
                      STOPPED, STOPPING, TRANSITIONS)
 
@@ -172,6 +173,8 @@ class Session:
         self._workdir: Optional[str] = None
         self._output_path: Optional[str] = None
         self._flight: Optional[gevent.event.AsyncResult] = None
+        self.last_output_bytes = 0
+        self._annotator: Optional[Annotator] = None
 
     # -- public -----------------------------------------------------------
 
@@ -194,14 +197,14 @@ class Session:
         self.last_request = self.clock()
 
     def start(self) -> None:
-        """Start the script if it is stopped (or failed); otherwise nothing."""
+        """Start the script if it is stopped (or failed); otherwise nothing.
+        The process is spawned by the session's watchdog greenlet."""
         if self.state not in STARTABLE_STATES:
             return
         self._stop_requested = False
         self._backoff = BACKOFF_FIRST
-        self._spawn()
-        if self._watchdog is None:
-            self._watchdog = gevent.spawn(self._watch)
+        self._transition(STARTING)
+        self._watchdog = gevent.spawn(self._watch)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop the script (SIGTERM, then SIGKILL after the grace) and wait
@@ -229,8 +232,6 @@ class Session:
             return outcome
         if self.state in STARTABLE_STATES:
             self.start()
-            if self.state == FAILED:  # could not even be spawned
-                return self.scrape(timeout)
         if self.state == STOPPING:
             return Outcome(Outcome.NOT_READY, message="The script is stopping; it will start"
                            " again on the next request.", retry_after=1)
@@ -306,8 +307,8 @@ class Session:
                 raise procfs.OutputTimeout("timed out waiting for the script's output") from None
         flight = self._flight = gevent.event.AsyncResult()
         try:
-            data = procfs.read_output(self._output_path, timeout, self.config.max_output,
-                                      self.clock)
+            data = self._finish(procfs.read_output(self._output_path, timeout,
+                                                   self.config.max_output, self.clock))
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, Exception)
                                  else procfs.OutputError("read aborted"))
@@ -318,7 +319,32 @@ class Session:
         finally:
             self._flight = None
 
-    # -- lifecycle (runs in the watchdog greenlet, except _spawn) ---------
+    def _finish(self, data: bytes) -> bytes:
+        """Complete the last line, add declared HELP/TYPE lines."""
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        if self._annotator:
+            data = self._annotator.annotate(data)
+        self.last_output_bytes = len(data)
+        return data
+
+    def _load_declarations(self) -> None:
+        """Read the script's ``// prometheus: TYPE/HELP`` comments (in the
+        thread pool: it is a file read)."""
+        def read():
+            with open(self.script.path, "rb") as f:
+                return f.read(1024 * 1024).decode("utf-8", "replace")
+        try:
+            text = gevent.get_hub().threadpool.apply(read)
+        except OSError as exc:
+            log.warning("declarations: script=%s cannot read the script: %s", self.name,
+                        exc.strerror)
+            self._annotator = None
+            return
+        annotator = Annotator(parse_declarations(text))
+        self._annotator = annotator if annotator else None
+
+    # -- lifecycle (runs in the watchdog greenlet) -------------------------
 
     def _transition(self, new: str) -> None:
         old = self.state
@@ -336,12 +362,12 @@ class Session:
         return list(self.config.stap) + module_args + [self.script.path]
 
     def _spawn(self) -> None:
-        """STOPPED/FAILED/BACKOFF -> STARTING, then fork.  On failure to
-        spawn: FAILED (or BACKOFF for autostart)."""
-        self._transition(STARTING)
+        """Fork the process of a STARTING session.  On failure to spawn:
+        FAILED (or BACKOFF for autostart)."""
         self._output_path = None
         self.stderr_tail.clear()
         argv = self._argv()
+        self._load_declarations()
         try:
             self._workdir = tempfile.mkdtemp(
                 prefix="stap-exporter.%d.%s." % (os.getpid(), self.script.module),
@@ -401,6 +427,8 @@ class Session:
                         self._transition(STOPPED)
                         return
                     self.restarts += 1
+                    self._transition(STARTING)
+                if self.state == STARTING and self.proc is None:
                     self._spawn()
                     continue
                 if self.state not in (STARTING, RUNNING):

@@ -102,7 +102,7 @@ class Exporter:
                                      stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
-        line = self.wait_log(r"listening on (\S+), scripts", timeout=15)
+        line = self.wait_log(r"listening on (\S+), scripts|\"event\": \"started\"", timeout=15)
         addr = re.search(r"listening on (\S+), scripts", line).group(1)
         self.port = int(addr.rsplit(":", 1)[1])
         self.module_prefix = "stapexp_%d_" % self.proc.pid

@@ -50,7 +50,7 @@ def test_keepalive_stops_idle_script_and_request_restarts_it(dirs, exporter_fact
     assert pid_alive(pid)
     wait_for(lambda: not pid_alive(pid), timeout=10, message="idle script to stop")
     wait_for(lambda: row(exp, "a.stp")["state"] == "stopped", timeout=5)
-    exp.wait_log(r"stopping: script=a\.stp pid=%d reason=idle" % pid)
+    exp.wait_log(r"event=stopping script=a\.stp pid=%d reason=idle" % pid)
     assert not exp.children()
     assert not os.listdir(str(procfs)), "module directory left behind"
     assert not workdirs(exp), "working directory left behind"
@@ -81,7 +81,7 @@ def test_without_keepalive_scripts_keep_running(dirs, exporter_factory):
     exp.get_until("/a.stp")
     pid = int(row(exp, "a.stp")["pid"])
     with pytest.raises(AssertionError):
-        exp.wait_log(r"stopping: script=a\.stp", timeout=2)
+        exp.wait_log(r"event=stopping script=a\.stp", timeout=2)
     assert pid_alive(pid)
 
 
@@ -89,13 +89,13 @@ def test_autostart_runs_without_any_request(dirs, exporter_factory):
     scripts, procfs = dirs
     write_script(scripts, "ticks-autostart.stp")
     exp = exporter_factory(["-k", "1"])
-    exp.wait_log(r"spawned: script=ticks-autostart\.stp")
+    exp.wait_log(r"event=spawned script=ticks-autostart\.stp")
     wait_for(lambda: any(os.path.exists(os.path.join(str(procfs), d, "__prometheus"))
                          for d in os.listdir(str(procfs))), message="autostart output")
     pid = wait_for(lambda: exp.children(), message="autostart child")[0]
     # Autostart scripts are exempt from keepalive.
     with pytest.raises(AssertionError):
-        exp.wait_log(r"stopping: script=ticks-autostart", timeout=2.5)
+        exp.wait_log(r"event=stopping script=ticks-autostart", timeout=2.5)
     assert pid_alive(pid)
 
 
@@ -105,8 +105,8 @@ def test_autostart_restarts_after_being_killed(dirs, exporter_factory):
     exp = exporter_factory()
     first = wait_for(lambda: exp.children(), message="autostart child")[0]
     os.kill(first, signal.SIGKILL)
-    exp.wait_log(r"exited: script=x-autostart\.stp pid=%d \(killed by SIGKILL" % first)
-    exp.wait_log(r"backoff: script=x-autostart\.stp restarting in 1 s")
+    exp.wait_log(r"event=exited script=x-autostart\.stp pid=%d \(killed by SIGKILL" % first)
+    exp.wait_log(r"event=backoff script=x-autostart\.stp restarting in 1 s")
     second = wait_for(lambda: [p for p in exp.children() if p != first], timeout=10,
                       message="restarted child")[0]
     assert second != first
@@ -120,7 +120,7 @@ def test_crashing_autostart_backs_off(dirs, exporter_factory):
     exp.wait_log(r"restarting in 1 s")
     exp.wait_log(r"restarting in 2 s", timeout=10)
     exp.wait_log(r"restarting in 4 s", timeout=10)
-    spawned = [l for l in exp.log_lines if "spawned: script=crash-autostart" in l]
+    spawned = [l for l in exp.log_lines if "event=spawned script=crash-autostart" in l]
     assert len(spawned) == 3  # t=0, 1, 3: not a spin
     r = exp.get("/crash-autostart.stp")
     assert r.status == 503
@@ -133,7 +133,7 @@ def test_stderr_is_logged_with_the_script_name(dirs, exporter_factory):
     write_script(scripts, "talk.stp", "stderr=hello_from_the_script")
     exp = exporter_factory()
     exp.get_until("/talk.stp")
-    exp.wait_log(r"stderr: script=talk\.stp pid=\d+ hello from the script")
+    exp.wait_log(r"event=stderr script=talk\.stp pid=\d+ hello from the script")
 
 
 def test_executable_script_runs_directly_with_module_appended(dirs, exporter_factory):
@@ -141,7 +141,7 @@ def test_executable_script_runs_directly_with_module_appended(dirs, exporter_fac
     write_script(scripts, "wrapped.stp", executable=True)
     exp = exporter_factory()
     assert exp.get_until("/wrapped.stp").status == 200
-    line = exp.wait_log(r"spawned: script=wrapped\.stp")
+    line = exp.wait_log(r"event=spawned script=wrapped\.stp")
     argv = line.split("argv=", 1)[1].split()
     assert argv[0] == str(scripts / "wrapped.stp")
     assert argv[1] == "-m" and argv[2].startswith(exp.module_prefix)
@@ -153,7 +153,7 @@ def test_plain_script_runs_through_stap_command(dirs, exporter_factory):
     write_script(scripts, "plain.stp")
     exp = exporter_factory()
     exp.get_until("/plain.stp")
-    line = exp.wait_log(r"spawned: script=plain\.stp")
+    line = exp.wait_log(r"event=spawned script=plain\.stp")
     argv = line.split("argv=", 1)[1].split()
     assert argv[0].endswith("fakestap")
     assert argv[1] == "-m" and argv[3] == str(scripts / "plain.stp")
@@ -168,8 +168,8 @@ def test_module_names_are_valid_unique_and_stable(dirs, exporter_factory):
     modules = {}
     for n in names:
         exp.get_until("/" + n)
-        modules[n] = re.search(r"spawned: script=%s pid=\d+ module=(\S+)" % re.escape(n),
-                               exp.wait_log(r"spawned: script=%s " % re.escape(n))).group(1)
+        modules[n] = re.search(r"event=spawned script=%s pid=\d+ module=(\S+)" % re.escape(n),
+                               exp.wait_log(r"event=spawned script=%s " % re.escape(n))).group(1)
     for m in modules.values():
         assert re.fullmatch(r"[a-z0-9_]{1,55}", m), m
         assert m.startswith(exp.module_prefix)
@@ -179,7 +179,7 @@ def test_module_names_are_valid_unique_and_stable(dirs, exporter_factory):
     wait_for(lambda: not pid_alive(pid), timeout=10)
     mark = len(exp.log_lines)
     exp.get_until("/" + names[0])
-    line = exp.wait_log(r"spawned: script=%s " % re.escape(names[0]), start=mark)
+    line = exp.wait_log(r"event=spawned script=%s " % re.escape(names[0]), start=mark)
     assert "module=%s " % modules[names[0]] in line
 
 
@@ -272,7 +272,7 @@ def test_script_ignoring_sigterm_is_killed_after_the_grace(dirs, exporter_factor
     exp = exporter_factory(["-k", "1", "--stop-timeout", "1"])
     exp.get_until("/stubborn.stp")
     pid = int(row(exp, "stubborn.stp")["pid"])
-    exp.wait_log(r"kill: script=stubborn\.stp pid=%d did not stop within 1 s" % pid,
+    exp.wait_log(r"event=kill script=stubborn\.stp pid=%d did not stop within 1 s" % pid,
                  timeout=10)
     wait_for(lambda: not pid_alive(pid), timeout=5)
     wait_for(lambda: row(exp, "stubborn.stp")["state"] == "stopped", timeout=5)
@@ -311,9 +311,9 @@ def test_sighup_rescans_and_starts_new_autostart(dirs, exporter_factory):
     write_script(scripts, "b.stp")
     write_script(scripts, "new-autostart.stp")
     exp.signal(signal.SIGHUP)
-    exp.wait_log(r"rescan: 3 scripts \(added: b\.stp, new-autostart\.stp")
+    exp.wait_log(r"event=rescan 3 scripts \(added: b\.stp, new-autostart\.stp")
     assert "b.stp" in index_rows(exp)
-    exp.wait_log(r"spawned: script=new-autostart\.stp")
+    exp.wait_log(r"event=spawned script=new-autostart\.stp")
 
 
 def test_removed_script_serves_until_stopped_then_404(dirs, exporter_factory):
