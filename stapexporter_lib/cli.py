@@ -5,6 +5,7 @@ import math
 import os
 import shlex
 import sys
+import sysconfig
 from typing import List, Optional
 
 from docopt import DocoptExit, docopt
@@ -15,9 +16,19 @@ PROG = "stap-exporter"
 
 
 def default_scripts_dir() -> str:
-    """Where the bundled scripts are installed: PREFIX/share/stap-exporter/scripts
-    (/usr/share/stap-exporter/scripts for a distribution package)."""
-    return os.path.join(sys.prefix, "share", "stap-exporter", "scripts")
+    """Where the bundled scripts are installed: DATA/share/stap-exporter/scripts,
+    DATA being the install scheme's data directory (/usr/local for pip as root on
+    Debian) or sys.prefix (/usr for a distribution package): the first that
+    exists, else the first."""
+    candidates = []
+    for base in (sysconfig.get_path("data"), sys.prefix):
+        path = os.path.join(base, "share", "stap-exporter", "scripts")
+        if path not in candidates:
+            candidates.append(path)
+    for path in candidates:
+        if os.path.isdir(path):
+            return path
+    return candidates[0]
 
 
 USAGE = """\

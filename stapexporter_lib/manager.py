@@ -100,7 +100,7 @@ class Manager:
         if not live:
             return True
         log.info("shutdown: stopping %d scripts", len(live))
-        budget = timeout if timeout is not None else self.config.stop_grace + 10
+        budget = timeout if timeout is not None else max(s.stop_budget() for s in live)
         workers = [gevent.spawn(s.stop, budget) for s in live]
         gevent.joinall(workers, timeout=budget + 1)
         left = [s.name for s in live if s.live]

@@ -214,7 +214,12 @@ class Session:
             return
         self._stop_requested = True
         self._wake.set()
-        watchdog.join(timeout if timeout is not None else self.config.stop_grace + 10)
+        watchdog.join(timeout if timeout is not None else self.stop_budget())
+
+    def stop_budget(self) -> float:
+        """The longest a stop can take: SIGTERM grace, SIGKILL wait, then the
+        grace again for what is left of the process group."""
+        return 2 * self.config.stop_grace + 5 + 1
 
     def wait_changed(self, timeout: float) -> bool:
         """Wait until the next state change; True if one happened."""
