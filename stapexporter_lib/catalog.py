@@ -57,8 +57,10 @@ def valid_name(name: str) -> bool:
 class Catalog:
     """Names -> scripts for one directory; ``rescan()`` refreshes it."""
 
-    def __init__(self, directory: str, pid: Optional[int] = None):
+    def __init__(self, directory: str, pid: Optional[int] = None,
+                 follow_symlinks: bool = False):
         self.directory = directory
+        self.follow_symlinks = follow_symlinks
         self.pid = os.getpid() if pid is None else pid
         self._scripts: Dict[str, Script] = {}
         self._modules: Dict[str, str] = {}  # name -> module, never forgotten
@@ -83,7 +85,7 @@ class Catalog:
         script = self._scripts.get(name)
         if script is not None or not valid_name(name):
             return script
-        if self._is_script_file(os.path.join(self.directory, name)):
+        if self._is_script_file(os.path.join(self.directory, name), quiet=True):
             self.rescan()
         return self._scripts.get(name)
 
@@ -116,12 +118,24 @@ class Catalog:
         self._scripts = found
         return added, removed
 
-    @staticmethod
-    def _is_script_file(path: str) -> bool:
+    def _is_script_file(self, path: str, quiet: bool = False) -> bool:
+        """A regular file, or a symbolic link to one inside the directory
+        (anywhere with follow_symlinks)."""
         try:
-            return stat.S_ISREG(os.stat(path).st_mode)  # follows symlinks
+            if not stat.S_ISREG(os.stat(path).st_mode):  # follows symlinks
+                return False
         except OSError:
             return False
+        if self.follow_symlinks or not os.path.islink(path):
+            return True
+        real = os.path.realpath(path)
+        inside = os.path.realpath(self.directory) + os.sep
+        if real.startswith(inside):
+            return True
+        if not quiet:
+            log.warning("rescan: ignoring %s: it links outside the scripts directory"
+                        " (see --follow-symlinks)", os.path.basename(path))
+        return False
 
     def _module_for(self, name: str) -> str:
         module = self._modules.get(name)

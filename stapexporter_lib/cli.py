@@ -55,6 +55,18 @@ Options:
                             executable; split like a shell would [default: stap].
   --procfs-dirs DIRS        Colon-separated directories searched for
                             MODULE/__prometheus [default: {procfs}].
+  --follow-symlinks         Also serve symbolic links that point outside the
+                            scripts directory (by default they are ignored).
+  --max-scripts N           At most N scripts running at once; requests that
+                            would start more get 503 [default: 256].
+  --max-starting N          At most N scripts starting (compiling) at once;
+                            requests that would start more get 503
+                            [default: 4].
+  --max-connections N       At most N client connections at once; more get a
+                            503 and are closed [default: 512].
+  --header-timeout SECONDS  Time a client gets to send its request line and
+                            headers; also how long an idle keep-alive
+                            connection is kept [default: 30].
   --stop-timeout SECONDS    How long a stopping script gets after SIGTERM
                             before SIGKILL [default: 5].
   --log-level LEVEL         debug, info, warning or error [default: info].
@@ -82,7 +94,9 @@ class Config:
     def __init__(self, port: int, keepalive: Optional[float], scripts_dir: str,
                  listen: Optional[str], stap: List[str], procfs_dirs: List[str],
                  log_level: str, check: bool, stop_timeout: float = 5.0,
-                 log_format: str = "logfmt", validate: bool = False):
+                 log_format: str = "logfmt", validate: bool = False,
+                 follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
+                 max_connections: int = 512, header_timeout: float = 30.0):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -94,6 +108,11 @@ class Config:
         self.stop_timeout = stop_timeout
         self.log_format = log_format
         self.validate = validate
+        self.follow_symlinks = follow_symlinks
+        self.max_scripts = max_scripts
+        self.max_starting = max_starting
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -116,6 +135,10 @@ def parse(argv: List[str]) -> Config:
     port = _port(args["--port"])
     keepalive = _keepalive(args["--keepalive"])
     stop_timeout = _seconds("--stop-timeout", args["--stop-timeout"])
+    header_timeout = _seconds("--header-timeout", args["--header-timeout"])
+    max_scripts = _count("--max-scripts", args["--max-scripts"])
+    max_starting = _count("--max-starting", args["--max-starting"])
+    max_connections = _count("--max-connections", args["--max-connections"])
     listen = _listen(args["--listen"])
     stap = _stap(args["--stap"])
     procfs_dirs = _procfs_dirs(args["--procfs-dirs"])
@@ -125,7 +148,10 @@ def parse(argv: List[str]) -> Config:
     return Config(port=port, keepalive=keepalive, scripts_dir=scripts_dir, listen=listen,
                   stap=stap, procfs_dirs=procfs_dirs, log_level=log_level,
                   check=bool(args["--check"]), stop_timeout=stop_timeout,
-                  log_format=log_format, validate=bool(args["--validate"]))
+                  log_format=log_format, validate=bool(args["--validate"]),
+                  follow_symlinks=bool(args["--follow-symlinks"]), max_scripts=max_scripts,
+                  max_starting=max_starting, max_connections=max_connections,
+                  header_timeout=header_timeout)
 
 
 def _port(value: str) -> int:
@@ -161,6 +187,16 @@ def _scripts_dir(value: str) -> str:
     if not os.access(path, os.R_OK | os.X_OK):
         raise UsageError("--scripts: directory %s is not readable" % path)
     return path
+
+
+def _count(option: str, value: str) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise UsageError("%s: %r is not a whole number" % (option, value)) from None
+    if number < 1:
+        raise UsageError("%s: %d must be at least 1" % (option, number))
+    return number
 
 
 def _listen(value: Optional[str]) -> Optional[str]:

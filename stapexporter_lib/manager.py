@@ -9,6 +9,7 @@ import gevent
 
 from .catalog import Catalog
 from .session import Session, SessionConfig
+from .states import STARTING
 
 log = logging.getLogger("stap-exporter")
 
@@ -17,9 +18,12 @@ class Manager:
     """Owns one Session per known script and decides when they come and go."""
 
     def __init__(self, catalog: Catalog, config: SessionConfig,
-                 clock: Callable[[], float] = time.monotonic, session_factory=Session):
+                 clock: Callable[[], float] = time.monotonic, session_factory=Session,
+                 max_running: Optional[int] = None, max_starting: Optional[int] = None):
         self.catalog = catalog
         self.config = config
+        self.max_running = max_running
+        self.max_starting = max_starting
         self.clock = clock
         self._factory = session_factory
         self.sessions: Dict[str, Session] = {}
@@ -52,8 +56,24 @@ class Manager:
         if session is None or session.script is not script:
             if session is not None and session.live:
                 return session
-            session = self.sessions[name] = self._factory(script, self.config, clock=self.clock)
+            session = self.sessions[name] = self._factory(script, self.config, clock=self.clock,
+                                                          admit=self._admit)
         return session
+
+    def _admit(self, session: Session) -> Optional[str]:
+        """None if a request may start SESSION now, else the reason why not.
+        (Autostart scripts are started by the exporter regardless.)"""
+        if self.shutting_down:
+            return "the exporter is shutting down"
+        live = [s for s in self.sessions.values() if s.live]
+        if self.max_running is not None and len(live) >= self.max_running:
+            return ("%d scripts are running, the most allowed (--max-scripts); try again"
+                    " when one stops" % len(live))
+        starting = sum(1 for s in live if s.state == STARTING)
+        if self.max_starting is not None and starting >= self.max_starting:
+            return ("%d scripts are starting, the most allowed at once (--max-starting);"
+                    " try again shortly" % starting)
+        return None
 
     def all(self) -> List[Session]:
         """A session for every known script (created lazily), sorted by name,

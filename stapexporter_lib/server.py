@@ -14,12 +14,13 @@ from typing import List, Optional
 
 import gevent
 import gevent.event
-from gevent import pywsgi
 from gevent import socket as gsocket
 
 from . import __version__, cli
 from .app import App
 from .catalog import Catalog
+from .http import Server
+from .leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
 from .manager import Manager
 from .selfmetrics import SelfMetrics
@@ -32,44 +33,6 @@ BACKLOG = 1024
 
 class StartupError(Exception):
     """The server could not start; the message is one line for the user."""
-
-
-class Handler(pywsgi.WSGIHandler):
-    """pywsgi's handler, with request-derived text escaped in its logs."""
-
-    def log_error(self, msg, *args):
-        try:
-            message = msg % args if args else msg
-        except TypeError:
-            message = "%r %r" % (msg, args)
-        log.warning("http: client=%s %s", _peer(self.client_address),
-                    cli_escape(str(message))[:500])
-
-
-def cli_escape(text: str) -> str:
-    from .session import escape_line
-    return escape_line(text)
-
-
-def _peer(address) -> str:
-    if isinstance(address, tuple) and address:
-        return "%s:%s" % (address[0], address[1]) if len(address) > 1 else str(address[0])
-    return str(address or "-")
-
-
-class Server(pywsgi.WSGIServer):
-    """WSGIServer with TCP_NODELAY on accepted sockets: pywsgi writes the
-    headers and the body separately, and without it a keep-alive client waits
-    for the delayed ACK (~40 ms) on every response."""
-
-    handler_class = Handler
-
-    def handle(self, sock, address):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        super().handle(sock, address)
 
 
 def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
@@ -108,10 +71,11 @@ class Exporter:
 
     def __init__(self, config: cli.Config):
         self.config = config
-        self.catalog = Catalog(config.scripts_dir)
+        self.catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
-            stop_grace=config.stop_timeout))
+            stop_grace=config.stop_timeout), max_running=config.max_scripts,
+            max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.app = App(self.manager, metrics=self.metrics, validate=config.validate)
         self.server: Optional[Server] = None
@@ -120,8 +84,10 @@ class Exporter:
     def serve(self) -> int:
         listener = make_listener(self.config.listen, self.config.port)
         set_child_subreaper()
+        sweep_leftovers(self.config.procfs_dirs)
         self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
-                             spawn="default")
+                             spawn="default", header_timeout=self.config.header_timeout,
+                             max_connections=self.config.max_connections)
         self.server.start()
         host, port = listener.getsockname()[:2]
         shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)

@@ -147,8 +147,9 @@ class Session:
 
     def __init__(self, script: Script, config: SessionConfig,
                  clock: Callable[[], float] = time.monotonic,
-                 popen=subprocess.Popen):
+                 popen=subprocess.Popen, admit: Optional[Callable[["Session"], Optional[str]]] = None):
         self.script = script
+        self._admit = admit
         self.config = config
         self.clock = clock
         self._popen = popen
@@ -174,6 +175,7 @@ class Session:
         self._output_path: Optional[str] = None
         self._flight: Optional[gevent.event.AsyncResult] = None
         self.last_output_bytes = 0
+        self._utf8_warned = False
         self._annotator: Optional[Annotator] = None
 
     # -- public -----------------------------------------------------------
@@ -236,6 +238,9 @@ class Session:
             self._transition(STOPPED)
             return outcome
         if self.state in STARTABLE_STATES:
+            refusal = self._admit(self) if self._admit is not None else None
+            if refusal:
+                return Outcome(Outcome.UNAVAILABLE, message=refusal, retry_after=5)
             self.start()
         if self.state == STOPPING:
             return Outcome(Outcome.NOT_READY, message="The script is stopping; it will start"
@@ -328,6 +333,17 @@ class Session:
         """Complete the last line, add declared HELP/TYPE lines."""
         if data and not data.endswith(b"\n"):
             data += b"\n"
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # We promise charset=utf-8: replace what is not (an odd process
+            # name in a label, say) rather than fail the whole scrape.
+            if not self._utf8_warned:
+                log.warning("output: script=%s pid=%s output is not valid UTF-8 (%s at byte"
+                            " %d); invalid bytes are replaced", self.name, self.pid,
+                            exc.reason, exc.start)
+                self._utf8_warned = True
+            data = data.decode("utf-8", "replace").encode("utf-8")
         if self._annotator:
             data = self._annotator.annotate(data)
         self.last_output_bytes = len(data)

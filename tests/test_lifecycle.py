@@ -343,18 +343,27 @@ def test_removed_file_without_rescan_is_404_once_stopped(dirs, exporter_factory)
 
 def test_symlinks_and_dotfiles(dirs, exporter_factory, tmp_path):
     scripts, _ = dirs
-    target = write_script(tmp_path, "real.stp")
-    os.symlink(target, str(scripts / "linked.stp"))
+    outside = write_script(tmp_path, "real.stp")
+    inside = write_script(scripts, "target.txt")
+    os.symlink(inside, str(scripts / "linked.stp"))
+    os.symlink(outside, str(scripts / "outside.stp"))
     os.symlink(str(tmp_path / "missing"), str(scripts / "dangling.stp"))
     write_script(scripts, ".hidden.stp")
     os.mkdir(str(scripts / "dir.stp"))
-    write_script(scripts, "notes.txt")
     exp = exporter_factory()
     assert sorted(index_rows(exp)) == ["linked.stp"]
     assert exp.get_until("/linked.stp").status == 200
-    assert exp.get("/.hidden.stp").status == 404
-    assert exp.get("/dangling.stp").status == 404
-    assert exp.get("/dir.stp").status == 404
+    exp.wait_log(r"ignoring outside\.stp: it links outside the scripts directory")
+    for path in ("/outside.stp", "/.hidden.stp", "/dangling.stp", "/dir.stp"):
+        assert exp.get(path).status == 404, path
+    assert len(exp.children()) == 1
+
+
+def test_follow_symlinks_serves_links_to_outside(dirs, exporter_factory, tmp_path):
+    scripts, _ = dirs
+    os.symlink(write_script(tmp_path, "real.stp"), str(scripts / "outside.stp"))
+    exp = exporter_factory(["--follow-symlinks"])
+    assert exp.get_until("/outside.stp").status == 200
 
 
 def test_fifo_never_written_does_not_delay_other_scripts(dirs, exporter_factory):

@@ -1,0 +1,132 @@
+"""Clean-up after an exporter that died without stopping its scripts.
+
+Module names carry the owning exporter's pid (``stapexp_<pid>_...``) and
+working directories are ``stap-exporter.<pid>.*``.  At start-up, anything of
+that naming whose owner is no longer alive is ours to clean: processes still
+running such a module (a script that ignored the death signal), the BPF
+runtime's module directories, and private working directories.  Leftovers of
+a live exporter are never touched.
+
+Runs once, before the server accepts connections.
+"""
+
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from typing import Iterable, List, Optional, Set
+
+from .catalog import MODULE_RE
+
+log = logging.getLogger("stap-exporter")
+
+_IN_ARG_RE = re.compile(r"stapexp_(\d+)_[a-z0-9_]+")
+_WORKDIR_RE = re.compile(r"^stap-exporter\.(\d+)\.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_owner(owner: int) -> bool:
+    return owner != os.getpid() and not _alive(owner)
+
+
+def orphaned_processes(proc_root: str = "/proc") -> List[int]:
+    """Pids of processes running a module of a dead exporter."""
+    found = []
+    for entry in os.listdir(proc_root):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc_root, entry, "cmdline"), "rb") as f:
+                cmdline = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        owners = {int(m.group(1)) for m in _IN_ARG_RE.finditer(cmdline)}
+        if owners and all(_dead_owner(o) for o in owners):
+            found.append(int(entry))
+    return found
+
+
+def _kill(pids: Iterable[int], grace: float = 2.0) -> None:
+    groups: Set[int] = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except OSError:
+            continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.05)
+            _reap()
+        if not any(_alive(p) for p in pids):
+            return
+
+
+def _reap() -> None:
+    # We are a child subreaper: orphans we killed may be our zombies now.
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = None) -> int:
+    """Remove what dead exporters left; returns how many things were cleaned."""
+    cleaned = 0
+    pids = orphaned_processes()
+    if pids:
+        log.warning("leftovers: stopping %d processes of a dead exporter: %s", len(pids),
+                    ", ".join(map(str, pids)))
+        _kill(pids)
+        cleaned += len(pids)
+    for directory in procfs_dirs:
+        if directory.startswith("/proc"):
+            continue  # the kernel owns these
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        for name in entries:
+            m = MODULE_RE.match(name)
+            if m and _dead_owner(int(m.group(1))):
+                cleaned += _remove(os.path.join(directory, name))
+    root = workdir_root or tempfile.gettempdir()
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        entries = []
+    for name in entries:
+        m = _WORKDIR_RE.match(name)
+        if m and _dead_owner(int(m.group(1))):
+            cleaned += _remove(os.path.join(root, name))
+    return cleaned
+
+
+def _remove(path: str) -> int:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("leftovers: cannot remove %s: %s", path, exc.strerror)
+        return 0
+    log.info("leftovers: removed %s", path)
+    return 1
