@@ -29,7 +29,8 @@ setup(
     python_requires=">=3.7",
     py_modules=["stapexporter"],
     packages=["stapexporter_lib"],
-    install_requires=["gevent>=20.0", "docopt>=0.6.2", "prometheus_client>=0.9"],
+    install_requires=["gevent>=20.0", "docopt>=0.6.2", "prometheus_client>=0.9",
+                      "PyYAML>=5.1", "bcrypt>=3.1"],
     entry_points={"console_scripts": ["stap-exporter = stapexporter:main"]},
     data_files=[
         ("share/man/man8", ["man/stap-exporter.8"]),

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Tuple
 from . import __version__
 from .catalog import valid_name
 from .session import Outcome, Session, escape_line
+from .webconfig import CHALLENGE
 
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
@@ -70,12 +71,13 @@ class App:
 
     def __init__(self, manager, default_timeout: float = DEFAULT_SCRAPE_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic, metrics=None,
-                 validate: bool = False):
+                 validate: bool = False, auth=None):
         self.manager = manager
         self.default_timeout = default_timeout
         self.clock = clock
         self.metrics = metrics
         self.validate = validate
+        self.auth = auth
 
     def __call__(self, environ, start_response):
         status, headers, body = self.respond(environ)
@@ -89,6 +91,8 @@ class App:
         return [body]
 
     def respond(self, environ) -> Response:
+        if self.auth is not None and not self.auth.check(environ):
+            return text_response(401, "Authentication required.", [CHALLENGE])
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return text_response(405, "Method %s is not allowed; use GET or HEAD."

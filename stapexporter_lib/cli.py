@@ -67,6 +67,8 @@ Options:
   --header-timeout SECONDS  Time a client gets to send its request line and
                             headers; also how long an idle keep-alive
                             connection is kept [default: 30].
+  --web-config FILE         TLS and basic-auth settings, in the Prometheus
+                            exporter-toolkit web configuration format.
   --stop-timeout SECONDS    How long a stopping script gets after SIGTERM
                             before SIGKILL [default: 5].
   --log-level LEVEL         debug, info, warning or error [default: info].
@@ -96,7 +98,8 @@ class Config:
                  log_level: str, check: bool, stop_timeout: float = 5.0,
                  log_format: str = "logfmt", validate: bool = False,
                  follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
-                 max_connections: int = 512, header_timeout: float = 30.0):
+                 max_connections: int = 512, header_timeout: float = 30.0,
+                 web_config: Optional[str] = None):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -113,6 +116,7 @@ class Config:
         self.max_starting = max_starting
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.web_config = web_config
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -151,7 +155,8 @@ def parse(argv: List[str]) -> Config:
                   log_format=log_format, validate=bool(args["--validate"]),
                   follow_symlinks=bool(args["--follow-symlinks"]), max_scripts=max_scripts,
                   max_starting=max_starting, max_connections=max_connections,
-                  header_timeout=header_timeout)
+                  header_timeout=header_timeout,
+                  web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None)
 
 
 def _port(value: str) -> int:

@@ -16,7 +16,7 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, cli
+from . import __version__, cli, webconfig
 from .app import App
 from .catalog import Catalog
 from .http import Server
@@ -77,7 +77,14 @@ class Exporter:
             stop_grace=config.stop_timeout), max_running=config.max_scripts,
             max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
-        self.app = App(self.manager, metrics=self.metrics, validate=config.validate)
+        self.web = None
+        if config.web_config:
+            try:
+                self.web = webconfig.load(config.web_config)
+            except webconfig.WebConfigError as exc:
+                raise StartupError(str(exc)) from None
+        auth = webconfig.BasicAuth(self.web.users) if self.web and self.web.auth_required else None
+        self.app = App(self.manager, metrics=self.metrics, validate=config.validate, auth=auth)
         self.server: Optional[Server] = None
         self._stopping = gevent.event.Event()
 
@@ -87,7 +94,8 @@ class Exporter:
         sweep_leftovers(self.config.procfs_dirs)
         self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
                              spawn="default", header_timeout=self.config.header_timeout,
-                             max_connections=self.config.max_connections)
+                             max_connections=self.config.max_connections,
+                             **webconfig.wrap_socket_args(self.web))
         self.server.start()
         host, port = listener.getsockname()[:2]
         shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
@@ -95,6 +103,12 @@ class Exporter:
         log.info("started: stap-exporter %s listening on %s, scripts in %s: %s",
                  __version__, shown, self.catalog.directory,
                  ", ".join(self.catalog.names()) or "none")
+        if self.web is not None:
+            log.info("web-config: %s: TLS %s, basic auth %s", self.config.web_config,
+                     "on" if self.web.ssl_context else "off",
+                     "on (%d users)" % len(self.web.users) if self.web.auth_required else "off")
+            for note in self.web.notes:
+                log.info("web-config: %s", note)
         gevent.signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
         gevent.signal_handler(signal.SIGHUP, self._on_hup)
@@ -132,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .check import run_check
         return run_check(config)
     try:
-        return Exporter(config).serve()
+        exporter = Exporter(config)
+        return exporter.serve()
     except StartupError as exc:
         print("%s: error: %s" % (cli.PROG, exc), file=sys.stderr)
         return 1
