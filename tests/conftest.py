@@ -87,14 +87,16 @@ class Response:
 class Exporter:
     """A stap-exporter subprocess."""
 
-    def __init__(self, scripts, procfs, args=(), env=None, host="127.0.0.1", stap=FAKESTAP):
+    def __init__(self, scripts, procfs, args=(), env=None, host="127.0.0.1", stap=FAKESTAP,
+                 extra_procfs=()):
         self.scripts = str(scripts)
         self.procfs = str(procfs)
         self.host = host
         self.log_lines = []
         self._log_cond = threading.Condition()
         cmd = [sys.executable, EXPORTER, "-p", "0", "--listen", host, "-s", self.scripts,
-               "--stap", stap, "--procfs-dirs", self.procfs, "--log-level", "debug"]
+               "--stap", stap, "--procfs-dirs", ":".join([self.procfs] + list(extra_procfs)),
+               "--log-level", "debug"]
         cmd += list(args)
         full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs)
         full_env.update(env or {})
@@ -233,10 +235,12 @@ REQUIRE_REALSTAP = os.environ.get("STAP_EXPORTER_REQUIRE_REALSTAP") == "1"
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Where the real runtime is required (CI), a skipped realstap test fails."""
+    """Where the real runtime and peers are required (CI), a skipped realstap
+    or peers test fails."""
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_REALSTAP and report.skipped and item.get_closest_marker("realstap"):
+    if REQUIRE_REALSTAP and report.skipped and (item.get_closest_marker("realstap")
+                                                or item.get_closest_marker("peers")):
         report.outcome = "failed"
         report.longrepr = ("realstap test skipped but STAP_EXPORTER_REQUIRE_REALSTAP=1: %s"
                            % (report.longrepr,))
