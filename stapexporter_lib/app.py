@@ -81,9 +81,12 @@ class App:
 
     def __call__(self, environ, start_response):
         status, headers, body = self.respond(environ)
-        if status[0] == "2" and len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
-            body = gzip.compress(body, GZIP_LEVEL)
-            headers.append(("Content-Encoding", "gzip"))
+        if status[0] == "2":
+            if ("Vary", "Accept-Encoding") not in headers:
+                headers.append(("Vary", "Accept-Encoding"))
+            if len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
+                body = gzip.compress(body, GZIP_LEVEL)
+                headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
         if environ.get("REQUEST_METHOD") == "HEAD":
@@ -140,6 +143,8 @@ class App:
             return text_response(503, "%s  %s" % (NOT_READY_PREFIX, outcome.message), extra)
         if outcome.kind == Outcome.FAILED:
             return text_response(502, outcome.message + "\nThe next request starts it again.")
+        if outcome.kind == Outcome.BUSY:
+            return text_response(503, "Too busy to start the script: %s" % outcome.message, extra)
         return text_response(503, "Script output unavailable: %s" % outcome.message, extra)
 
     def _timeout(self, environ) -> float:
@@ -170,7 +175,7 @@ class App:
     def ready(self, environ) -> Response:
         if self.manager.shutting_down:
             return text_response(503, "stap-exporter is shutting down.")
-        error = self.manager.catalog.last_error
+        error = self.manager.catalog.check_directory()
         if error:
             return text_response(503, "Not ready: %s" % error)
         return text_response(200, "stap-exporter is ready.")

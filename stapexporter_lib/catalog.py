@@ -89,6 +89,18 @@ class Catalog:
             self.rescan()
         return self._scripts.get(name)
 
+    def still_valid(self, script: Script) -> bool:
+        """True if SCRIPT's file is still a servable script (checked before
+        each start: it may have been removed or re-pointed)."""
+        return self._is_script_file(script.path, quiet=True)
+
+    def check_directory(self) -> Optional[str]:
+        """None if the directory is readable now, else why not."""
+        if not os.path.isdir(self.directory) or \
+                not os.access(self.directory, os.R_OK | os.X_OK):
+            return "cannot read scripts directory %s" % self.directory
+        return self.last_error
+
     def rescan(self) -> Tuple[List[str], List[str]]:
         """Re-read the directory.  Returns (added, removed) names.  When the
         directory cannot be read, keeps the known scripts, records the reason
@@ -98,7 +110,7 @@ class Catalog:
         except OSError as exc:
             self.last_error = "cannot read scripts directory %s: %s" % (
                 self.directory, exc.strerror)
-            log.error("rescan failed: %s", self.last_error)
+            log.error("rescan-failed: %s", self.last_error)
             return [], []
         if self.last_error:
             log.info("rescan: scripts directory %s is readable again", self.directory)

@@ -42,7 +42,7 @@ def check_one(script, stap: List[str]) -> Tuple[bool, str]:
 
 def run_check(config, out=None) -> int:
     out = out or sys.stdout
-    catalog = Catalog(config.scripts_dir)
+    catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
     catalog.rescan()
     if catalog.last_error:
         print("stap-exporter: error: %s" % catalog.last_error, file=sys.stderr)

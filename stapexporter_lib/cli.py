@@ -67,6 +67,8 @@ Options:
   --header-timeout SECONDS  Time a client gets to send its request line and
                             headers; also how long an idle keep-alive
                             connection is kept [default: 30].
+  --recompile               Compile a script afresh on every start instead of
+                            rerunning the module compiled by its last run.
   --web-config FILE         TLS and basic-auth settings, in the Prometheus
                             exporter-toolkit web configuration format.
   --stop-timeout SECONDS    How long a stopping script gets after SIGTERM
@@ -99,7 +101,7 @@ class Config:
                  log_format: str = "logfmt", validate: bool = False,
                  follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
                  max_connections: int = 512, header_timeout: float = 30.0,
-                 web_config: Optional[str] = None):
+                 web_config: Optional[str] = None, recompile: bool = False):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -117,6 +119,7 @@ class Config:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.web_config = web_config
+        self.recompile = recompile
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -156,7 +159,8 @@ def parse(argv: List[str]) -> Config:
                   follow_symlinks=bool(args["--follow-symlinks"]), max_scripts=max_scripts,
                   max_starting=max_starting, max_connections=max_connections,
                   header_timeout=header_timeout,
-                  web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None)
+                  web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
+                  recompile=bool(args["--recompile"]))
 
 
 def _port(value: str) -> int:
@@ -222,6 +226,10 @@ def _stap(value: str) -> List[str]:
         raise UsageError("--stap: cannot parse %r: %s" % (value, exc)) from None
     if not words:
         raise UsageError("--stap: empty command")
+    if os.sep in words[0]:
+        # Scripts run in a private working directory: a relative path to the
+        # command would not be found there.
+        words[0] = os.path.abspath(words[0])
     return words
 
 

@@ -47,6 +47,12 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+def _declares(body: bytes, kind: bytes, family: str) -> bool:
+    """True if BODY has a '# KIND FAMILY ...' line."""
+    needle = b"# " + kind + b" " + family.encode() + b" "
+    return body.startswith(needle) or (b"\n" + needle) in body
+
+
 class Annotator:
     """Inserts declared HELP/TYPE lines into one script's output."""
 
@@ -57,12 +63,10 @@ class Annotator:
         for family, (typ, help_text) in decls.items():
             for suffix in _SUFFIXES.get(typ, ("",)):
                 self._sample_to_family[family + suffix] = family
-            lines = []
-            if help_text:
-                lines.append("# HELP %s %s\n" % (family, _escape_help(help_text)))
-            if typ:
-                lines.append("# TYPE %s %s\n" % (family, typ))
-            self._header[family] = "".join(lines).encode("utf-8")
+            help_line = ("# HELP %s %s\n" % (family, _escape_help(help_text))).encode(
+                "utf-8") if help_text else b""
+            type_line = ("# TYPE %s %s\n" % (family, typ)).encode() if typ else b""
+            self._header[family] = (help_line, type_line)
         names = sorted(self._sample_to_family, key=len, reverse=True)
         self._sample_re = re.compile(
             rb"^(" + b"|".join(re.escape(n.encode()) for n in names) + rb")(?=[{ \t])",
@@ -74,17 +78,26 @@ class Annotator:
     def annotate(self, body: bytes) -> bytes:
         if self._sample_re is None:
             return body
-        pending = {f for f in self.decls if b"# TYPE " + f.encode() + b" " not in body}
+        # What the output already declares itself is left alone.
+        pending = {}
+        for family, (help_line, type_line) in self._header.items():
+            header = b""
+            if help_line and not _declares(body, b"HELP", family):
+                header += help_line
+            if type_line and not _declares(body, b"TYPE", family):
+                header += type_line
+            if header:
+                pending[family] = header
         if not pending:
             return body
         out = []
         pos = 0
         for m in self._sample_re.finditer(body):
             family = self._sample_to_family[m.group(1).decode()]
-            if family in pending:
-                pending.discard(family)
+            header = pending.pop(family, None)
+            if header is not None:
                 out.append(body[pos:m.start()])
-                out.append(self._header[family])
+                out.append(header)
                 pos = m.start()
                 if not pending:
                     break

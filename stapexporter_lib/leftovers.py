@@ -17,24 +17,28 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Iterable, List, Optional, Set
+from typing import Iterable, List, Optional
 
 from .catalog import MODULE_RE
 
 log = logging.getLogger("stap-exporter")
 
-_IN_ARG_RE = re.compile(r"stapexp_(\d+)_[a-z0-9_]+")
 _WORKDIR_RE = re.compile(r"^stap-exporter\.(\d+)\.")
 
 
 def _alive(pid: int) -> bool:
+    """True if PID exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _dead_owner(owner: int) -> bool:
@@ -42,33 +46,46 @@ def _dead_owner(owner: int) -> bool:
 
 
 def orphaned_processes(proc_root: str = "/proc") -> List[int]:
-    """Pids of processes running a module of a dead exporter."""
+    """Pids of processes a dead exporter started: those whose working
+    directory is one of its private working directories (stap, stapbpf and
+    what a wrapper runs all inherit it) or that were given one of its module
+    names with ``-m``.  An administrator's ``tail`` of a path that merely
+    mentions such a name is not one of them."""
     found = []
     for entry in os.listdir(proc_root):
         if not entry.isdigit():
             continue
-        try:
-            with open(os.path.join(proc_root, entry, "cmdline"), "rb") as f:
-                cmdline = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        owners = {int(m.group(1)) for m in _IN_ARG_RE.finditer(cmdline)}
-        if owners and all(_dead_owner(o) for o in owners):
+        if _started_by_dead_exporter(os.path.join(proc_root, entry)):
             found.append(int(entry))
     return found
 
 
-def _kill(pids: Iterable[int], grace: float = 2.0) -> None:
-    groups: Set[int] = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except OSError:
-            continue
+def _started_by_dead_exporter(proc_dir: str) -> bool:
+    try:
+        cwd = os.readlink(os.path.join(proc_dir, "cwd"))
+    except OSError:
+        cwd = ""
+    m = _WORKDIR_RE.match(os.path.basename(cwd.rstrip("/")))
+    if m and _dead_owner(int(m.group(1))):
+        return True
+    try:
+        with open(os.path.join(proc_dir, "cmdline"), "rb") as f:
+            args = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return False
+    for flag, value in zip(args, args[1:]):
+        if flag == "-m":
+            m = MODULE_RE.match(value)
+            if m and _dead_owner(int(m.group(1))):
+                return True
+    return False
+
+
+def _kill(pids: List[int], grace: float = 2.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in groups:
+        for pid in pids:
             try:
-                os.killpg(pgid, sig)
+                os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.monotonic() + grace

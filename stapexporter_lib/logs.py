@@ -28,8 +28,9 @@ def _split(message: str):
 
 
 def _timestamp(record) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created)) + \
-        ".%03d" % record.msecs
+    """UTC, RFC 3339 with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
+        ".%03dZ" % record.msecs
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -42,8 +42,8 @@ class Manager:
         session = self.sessions.get(name)
         script = self.catalog.get(name)
         if script is not None and (session is None or not session.live):
-            # Not running: make sure the file is still there before starting.
-            if not os.path.isfile(script.path):
+            # Not running: make sure the file is still servable before starting.
+            if not self.catalog.still_valid(script):
                 self.catalog.rescan()
                 script = self.catalog.get(name)
         elif script is None:

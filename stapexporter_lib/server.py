@@ -19,6 +19,7 @@ from gevent import socket as gsocket
 from . import __version__, cli, webconfig
 from .app import App
 from .catalog import Catalog
+from .compiled import ModuleCache
 from .http import Server
 from .leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
@@ -72,9 +73,11 @@ class Exporter:
     def __init__(self, config: cli.Config):
         self.config = config
         self.catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
+        self.module_cache = None if config.recompile else ModuleCache()
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
-            stop_grace=config.stop_timeout), max_running=config.max_scripts,
+            stop_grace=config.stop_timeout, module_cache=self.module_cache),
+            max_running=config.max_scripts,
             max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.web = None
@@ -129,6 +132,8 @@ class Exporter:
         self.server.close()
         ok = self.manager.shutdown()
         self.server.stop(timeout=2)
+        if self.module_cache is not None:
+            self.module_cache.clear()
         log.info("exited: stap-exporter stopped%s", "" if ok else " (some scripts did not stop)")
         return 0 if ok else 1
 

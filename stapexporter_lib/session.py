@@ -32,7 +32,7 @@ import gevent
 import gevent.event
 from gevent import subprocess
 
-from . import procfs
+from . import compiled, procfs
 from .catalog import Script
 from .declarations import Annotator, parse_declarations
 from .states import (BACKOFF, FAILED, RUNNING, SERVING_STATES, STARTABLE_STATES, STARTING,
@@ -95,6 +95,7 @@ class Outcome:
     NOT_READY = "not_ready"  # starting, restarting or stopping: try again soon
     FAILED = "failed"        # the script exited with an error: MESSAGE says why
     UNAVAILABLE = "unavailable"  # running, but its output could not be read
+    BUSY = "busy"            # not started: a cap on running or starting scripts
 
     __slots__ = ("kind", "body", "message", "retry_after")
 
@@ -115,7 +116,7 @@ class SessionConfig:
     def __init__(self, stap: List[str], procfs_dirs: List[str],
                  keepalive: Optional[float] = None, start_wait: float = 1.0,
                  stop_grace: float = 5.0, workdir_root: Optional[str] = None,
-                 max_output: int = procfs.DEFAULT_MAX_BYTES):
+                 max_output: int = procfs.DEFAULT_MAX_BYTES, module_cache=None):
         self.stap = stap
         self.procfs_dirs = procfs_dirs
         self.keepalive = keepalive
@@ -123,6 +124,7 @@ class SessionConfig:
         self.stop_grace = stop_grace
         self.workdir_root = workdir_root or tempfile.gettempdir()
         self.max_output = max_output
+        self.module_cache = module_cache  # compiled.ModuleCache, or None
 
 
 def describe_exit(returncode: Optional[int]) -> str:
@@ -176,6 +178,9 @@ class Session:
         self._flight: Optional[gevent.event.AsyncResult] = None
         self.last_output_bytes = 0
         self._utf8_warned = False
+        self._digest: Optional[str] = None    # of the script file at the last spawn
+        self._from_cache = False               # this run uses a kept compiled module
+        self._produced = False                 # this run's output has been read
         self._annotator: Optional[Annotator] = None
 
     # -- public -----------------------------------------------------------
@@ -240,7 +245,7 @@ class Session:
         if self.state in STARTABLE_STATES:
             refusal = self._admit(self) if self._admit is not None else None
             if refusal:
-                return Outcome(Outcome.UNAVAILABLE, message=refusal, retry_after=5)
+                return Outcome(Outcome.BUSY, message=refusal, retry_after=5)
             self.start()
         if self.state == STOPPING:
             return Outcome(Outcome.NOT_READY, message="The script is stopping; it will start"
@@ -282,6 +287,7 @@ class Session:
                 else:
                     if self.state == STARTING:
                         self._transition(RUNNING)
+                    self._produced = True
                     return Outcome(Outcome.OK, body=data)
             if self.state not in SERVING_STATES:
                 # It exited (or is being stopped) while we waited.
@@ -349,20 +355,23 @@ class Session:
         self.last_output_bytes = len(data)
         return data
 
-    def _load_declarations(self) -> None:
-        """Read the script's ``// prometheus: TYPE/HELP`` comments (in the
-        thread pool: it is a file read)."""
+    def _read_script(self) -> None:
+        """Read the script file (in the thread pool): its digest keys the
+        compiled-module cache, its ``// prometheus: TYPE/HELP`` comments give
+        the declarations."""
         def read():
             with open(self.script.path, "rb") as f:
-                return f.read(1024 * 1024).decode("utf-8", "replace")
+                return f.read(4 * 1024 * 1024)
         try:
-            text = gevent.get_hub().threadpool.apply(read)
+            content = gevent.get_hub().threadpool.apply(read)
         except OSError as exc:
             log.warning("declarations: script=%s cannot read the script: %s", self.name,
                         exc.strerror)
             self._annotator = None
+            self._digest = None
             return
-        annotator = Annotator(parse_declarations(text))
+        self._digest = compiled.digest(content)
+        annotator = Annotator(parse_declarations(content.decode("utf-8", "replace")))
         self._annotator = annotator if annotator else None
 
     # -- lifecycle (runs in the watchdog greenlet) -------------------------
@@ -378,17 +387,26 @@ class Session:
 
     def _argv(self) -> List[str]:
         module_args = ["-m", self.script.module]
+        self._from_cache = False
         if self.script.is_executable():
             return [self.script.path] + module_args
+        cache = self.config.module_cache
+        if cache is not None and self._digest is not None:
+            kept = cache.argv(self.script.module, self._digest)
+            if kept is not None:
+                self._from_cache = True
+                return kept
         return list(self.config.stap) + module_args + [self.script.path]
 
     def _spawn(self) -> None:
         """Fork the process of a STARTING session.  On failure to spawn:
         FAILED (or BACKOFF for autostart)."""
         self._output_path = None
+        self._produced = False
+        self._utf8_warned = False
         self.stderr_tail.clear()
+        self._read_script()
         argv = self._argv()
-        self._load_declarations()
         try:
             self._workdir = tempfile.mkdtemp(
                 prefix="stap-exporter.%d.%s." % (os.getpid(), self.script.module),
@@ -401,7 +419,7 @@ class Session:
                                preexec_fn=_child_setup_for(os.getpid()))
         except OSError as exc:
             self.last_error = "cannot run %s: %s" % (argv[0], exc.strerror or exc)
-            log.error("spawn failed: script=%s %s", self.name, self.last_error)
+            log.error("spawn-failed: script=%s %s", self.name, self.last_error)
             self.stderr_tail.append(self.last_error)
             self.exits["spawn_error"] += 1
             self._remove_workdir()
@@ -460,7 +478,7 @@ class Session:
                 else:
                     self._terminate(event)
         except BaseException:
-            log.exception("watchdog crashed: script=%s", self.name)
+            log.exception("watchdog-crashed: script=%s", self.name)
             self._kill_group(signal.SIGKILL)
             raise
         finally:
@@ -499,6 +517,17 @@ class Session:
         uptime = self.clock() - (self.started_at or self.clock())
         self._join_readers()
         self._kill_stragglers()
+        if self._from_cache and not self._produced and not self._stop_requested:
+            # The kept module would not run (a changed kernel or runtime, say):
+            # forget it and compile afresh, without bothering the client.
+            log.warning("cache: script=%s pid=%d compiled module failed (%s); recompiling",
+                        self.name, proc.pid, describe_exit(proc.returncode))
+            self.config.module_cache.drop(self.script.module)
+            self._remove_leftovers()
+            self.proc = None
+            self.pid = None
+            return  # still STARTING: the watchdog spawns the full compile
+        self._keep_compiled()
         self._remove_leftovers()
         self.last_error = describe_exit(proc.returncode)
         self.exits["error" if proc.returncode != 0 else "exited"] += 1
@@ -534,6 +563,7 @@ class Session:
             proc.result.wait(5)
         self._join_readers()
         self._kill_stragglers()
+        self._keep_compiled()
         self._remove_leftovers()
         self.exits["stopped"] += 1
         log.info("stopped: script=%s pid=%d (%s)", self.name, proc.pid,
@@ -574,6 +604,16 @@ class Session:
         for g in readers:
             g.kill(block=False)
         self._stderr_reader = self._stdout_reader = None
+
+    def _keep_compiled(self) -> None:
+        """After a full compile that produced output, keep the module for the
+        next start."""
+        cache = self.config.module_cache
+        if (cache is not None and self._workdir and self._produced and not self._from_cache
+                and self._digest is not None and not self.script.is_executable()):
+            if cache.keep(self.script.module, self._digest, self._workdir):
+                log.info("cache: script=%s kept the compiled module for the next start",
+                         self.name)
 
     def _remove_leftovers(self) -> None:
         """Remove the private working directory and any module directory the

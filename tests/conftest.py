@@ -64,6 +64,20 @@ def processes_matching(text):
     return pids
 
 
+_FAKE_LOADERS = []
+
+
+def fake_loader_dir():
+    """A directory where stapbpf and staprun are fakestap (made once)."""
+    if not _FAKE_LOADERS:
+        import tempfile
+        bindir = tempfile.mkdtemp(prefix="fakestap-loaders.")
+        for loader in ("stapbpf", "staprun"):
+            os.symlink(FAKESTAP, os.path.join(bindir, loader))
+        _FAKE_LOADERS.append(bindir)
+    return _FAKE_LOADERS[0]
+
+
 class Response:
     def __init__(self, status, headers, body):
         self.status = status
@@ -98,7 +112,12 @@ class Exporter:
                "--stap", stap, "--procfs-dirs", ":".join([self.procfs] + list(extra_procfs)),
                "--log-level", "debug"]
         cmd += list(args)
-        full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs)
+        # fakestap also plays the runtime's loader (stapbpf/staprun) for the
+        # reuse of compiled modules.
+        path = os.environ.get("PATH", "")
+        if stap == FAKESTAP:
+            path = fake_loader_dir() + os.pathsep + path
+        full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs, PATH=path)
         full_env.update(env or {})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)

@@ -38,7 +38,14 @@ def workdirs(exporter):
     import tempfile
     tmp = tempfile.gettempdir()
     return [e for e in os.listdir(tmp)
-            if e.startswith("stap-exporter.%d." % exporter.proc.pid)]
+            if e.startswith("stap-exporter.%d." % exporter.proc.pid)
+            and not e.startswith("stap-exporter.%d.cache." % exporter.proc.pid)]
+
+
+def cachedirs(exporter):
+    import tempfile
+    return [e for e in os.listdir(tempfile.gettempdir())
+            if e.startswith("stap-exporter.%d.cache." % exporter.proc.pid)]
 
 
 def test_keepalive_stops_idle_script_and_request_restarts_it(dirs, exporter_factory):
@@ -222,6 +229,7 @@ def test_sigterm_stops_every_child_and_exits_zero(dirs, exporter_factory):
     assert not os.listdir(str(procfs))
     assert not leftovers(scripts, procfs)
     assert not workdirs(exp)
+    assert not cachedirs(exp)
 
 
 def test_sigint_also_shuts_down_cleanly(dirs, exporter_factory):

@@ -82,9 +82,17 @@ def fifo_dirs(exporter):
 
 
 def workdirs(exporter):
-    """This exporter's private working directories (stap-exporter.<pid>.*)."""
+    """This exporter's private working directories (stap-exporter.<pid>.*),
+    not counting its compiled-module cache."""
+    return [d for d in glob.glob(os.path.join(tempfile.gettempdir(),
+                                              "stap-exporter.%d.*" % exporter.proc.pid))
+            if d not in cachedirs(exporter)]
+
+
+def cachedirs(exporter):
+    """This exporter's compiled-module cache (kept while it runs)."""
     return glob.glob(os.path.join(tempfile.gettempdir(),
-                                  "stap-exporter.%d.*" % exporter.proc.pid))
+                                  "stap-exporter.%d.cache.*" % exporter.proc.pid))
 
 
 def compiled_leftovers(*dirs):
@@ -146,7 +154,7 @@ def cleanup(exporter):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        for d in fifo_dirs(exporter) + workdirs(exporter):
+        for d in fifo_dirs(exporter) + workdirs(exporter) + cachedirs(exporter):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -162,8 +170,8 @@ def start(rs, scripts):
     """start(args=()) -> a real-stap Exporter on SCRIPTS; cleaned up afterwards."""
     started = []
 
-    def _start(args=()):
-        exp = Exporter(scripts, PROCFS_DIRS, args=args, stap=rs.stap)
+    def _start(args=(), env=None):
+        exp = Exporter(scripts, PROCFS_DIRS, args=args, stap=rs.stap, env=env)
         started.append(exp)
         return exp
     yield _start
@@ -337,3 +345,45 @@ def test_concurrent_scrapes_each_get_one_copy(start, scripts):
         got = sorted(l.split()[0] for l in metric_lines)
         assert got == sorted(names), r.text
         assert set(samples(r.text)) == set(names), r.text
+
+
+def test_restart_reuses_the_compiled_module(start, scripts, rs):
+    """After a keepalive stop the next start runs the kept .bo with stapbpf
+    instead of compiling again.  (The exporter gets the setrlimit shim in its
+    environment so that stapbpf, run directly, starts in this sandbox: the
+    --stap wrapper sets it only for the stap it runs.)"""
+    write(scripts, "ticks.stp", TICKS)
+    exp = start(["-k", "1"], env={"LD_PRELOAD": rs.shim})
+    first_then_ok(exp, "/ticks.stp")
+    exp.wait_log(event_re("cache", "ticks.stp") + r".*kept the compiled module", timeout=20)
+    exp.wait_log(event_re("stopped", "ticks.stp"), timeout=20)
+    assert cachedirs(exp) and not workdirs(exp) and not fifo_dirs(exp)
+    mark = len(exp.log_lines)
+    r = first_then_ok(exp, "/ticks.stp")
+    assert "ticks" in samples(r.text)
+    line = exp.wait_log(event_re("spawned", "ticks.stp"), start=mark)
+    argv = line.split("argv=", 1)[1]
+    assert os.path.basename(argv.split()[0]) == "stapbpf", line
+    assert ".cache." in argv and argv.split()[1].endswith(".bo"), line
+    assert kinds(stap_children(exp)) == {"stapbpf"}
+    exp.stop()
+    assert not cachedirs(exp), "the cache must go with the exporter"
+
+
+def test_compiled_module_that_fails_is_recompiled(start, scripts):
+    """Without the shim, the kept .bo cannot start under stapbpf here; the
+    exporter must notice, forget it and compile afresh within the same
+    request cycle, never reporting a 502."""
+    write(scripts, "ticks.stp", TICKS)
+    exp = start(["-k", "1"])
+    first_then_ok(exp, "/ticks.stp")
+    exp.wait_log(event_re("stopped", "ticks.stp"), timeout=20)
+    statuses = set()
+
+    def ok():
+        r = exp.get("/ticks.stp")
+        statuses.add(r.status)
+        return r.status == 200
+    wait_for(ok, timeout=COMPILE_TIMEOUT, interval=0.2, message="200 after recompiling")
+    assert 502 not in statuses, statuses
+    exp.wait_log(event_re("cache", "ticks.stp") + r".*compiled module failed.*recompiling")
