@@ -8,6 +8,7 @@ the manager for sessions and sessions for outcomes; it never spawns anything.
 import gzip
 import html
 import time
+from email.utils import formatdate
 from typing import Callable, List, Optional, Tuple
 
 from . import __version__
@@ -88,6 +89,7 @@ class App:
                 body = gzip.compress(body, GZIP_LEVEL)
                 headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
+        headers.append(("Date", _http_date()))
         start_response(status, headers)
         if environ.get("REQUEST_METHOD") == "HEAD":
             return [b""]
@@ -223,6 +225,18 @@ class App:
                            e(_quote(name)), e(name), e(state), pid, uptime, starts, e(err)))
         out.append("</table></body></html>\n")
         return "\n".join(out).encode("utf-8", "replace")
+
+
+_date_cache = [0, ""]
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second rather than per request."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True)
+    return _date_cache[1]
 
 
 ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready"}

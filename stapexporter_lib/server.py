@@ -92,6 +92,11 @@ class Exporter:
         self._stopping = gevent.event.Event()
 
     def serve(self) -> int:
+        # Handlers first: a signal that arrives once the start-up banner is
+        # out (a supervisor's reload, say) must find them in place.
+        gevent.signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        gevent.signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+        gevent.signal_handler(signal.SIGHUP, self._on_hup)
         listener = make_listener(self.config.listen, self.config.port)
         set_child_subreaper()
         sweep_leftovers(self.config.procfs_dirs)
@@ -112,9 +117,6 @@ class Exporter:
                      "on (%d users)" % len(self.web.users) if self.web.auth_required else "off")
             for note in self.web.notes:
                 log.info("web-config: %s", note)
-        gevent.signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
-        gevent.signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
-        gevent.signal_handler(signal.SIGHUP, self._on_hup)
         self._stopping.wait()
         return self._shutdown()
 
