@@ -186,17 +186,21 @@ class App:
 
     def index(self, environ) -> Response:
         rows = []
+        tails = []
         for s in self.manager.all():
+            if s.last_error and s.stderr_tail:
+                tails.append((s.name, list(s.stderr_tail)))
             uptime = s.uptime()
             rows.append((s.name, s.state, str(s.pid) if s.pid else "-",
                          "%.0fs" % uptime if uptime is not None else "-",
                          str(s.starts), s.last_error or "-"))
         error = self.manager.catalog.last_error
         if "text/html" in environ.get("HTTP_ACCEPT", ""):
-            return "200 OK", [("Content-Type", CONTENT_TYPE_HTML)], self._html(rows, error)
-        return "200 OK", [("Content-Type", CONTENT_TYPE_TEXT)], self._text(rows, error)
+            return ("200 OK", [("Content-Type", CONTENT_TYPE_HTML)],
+                    self._html(rows, error, tails))
+        return "200 OK", [("Content-Type", CONTENT_TYPE_TEXT)], self._text(rows, error, tails)
 
-    def _text(self, rows, error) -> bytes:
+    def _text(self, rows, error, tails) -> bytes:
         lines = ["stap-exporter %s: %d scripts in %s" % (
             __version__, len(rows), self.manager.catalog.directory)]
         if error:
@@ -206,9 +210,13 @@ class App:
         widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
         for r in table:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        for name, tail in tails:
+            lines.append("")
+            lines.append("%s: last lines of standard error:" % name)
+            lines.extend("  " + line for line in tail)
         return ("\n".join(lines) + "\n").encode("utf-8", "replace")
 
-    def _html(self, rows, error) -> bytes:
+    def _html(self, rows, error, tails) -> bytes:
         e = html.escape
         out = ["<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
                "<title>stap-exporter</title></head><body>",
@@ -223,7 +231,11 @@ class App:
             out.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td><td>%s</td>"
                        "<td>%s</td><td>%s</td></tr>" % (
                            e(_quote(name)), e(name), e(state), pid, uptime, starts, e(err)))
-        out.append("</table></body></html>\n")
+        out.append("</table>")
+        for name, tail in tails:
+            out.append("<h2>%s: last lines of standard error</h2><pre>%s</pre>"
+                       % (e(name), e("\n".join(tail))))
+        out.append("</body></html>\n")
         return "\n".join(out).encode("utf-8", "replace")
 
 

@@ -164,9 +164,7 @@ def _read_fifo_once(path, deadline, max_bytes, clock) -> bytes:
             # since we opened it, so this waits for the runtime's next cycle.
             remaining = deadline - clock()
             if remaining <= 0:
-                raise OutputTimeout("the script's output FIFO got no writer"
-                                    " before the deadline" if not chunks else
-                                    "the script stalled while writing output")
+                raise _WaitTimeout()
             wait_read(fd, timeout=remaining, timeout_exc=_WaitTimeout)
             while True:
                 try:

@@ -111,7 +111,8 @@ def test_index_plain_text(exporter):
     r = exporter.get("/")
     assert r.status == 200
     assert r.header("Content-Type").startswith("text/plain")
-    rows = {line.split()[0]: line.split() for line in r.text.splitlines()[2:]}
+    table = r.text.split("\n\n")[0].splitlines()[2:]
+    rows = {line.split()[0]: line.split() for line in table}
     assert set(rows) == {"quick.stp", "slow.stp", "broken.stp", "fifo.stp"}
     quick = rows["quick.stp"]
     assert quick[1] == "running"
@@ -128,10 +129,14 @@ def test_index_html(exporter):
     assert "<th>state</th>" in r.text
 
 
-def test_index_shows_last_error(exporter):
+def test_index_shows_last_error_and_stderr(exporter):
     exporter.get_until("/broken.stp", 502)
     r = exporter.get("/")
     assert "exit status 1" in r.text
+    assert "broken.stp: last lines of standard error:" in r.text
+    assert "  semantic error: fake failure in broken.stp" in r.text
+    h = exporter.get("/", headers={"Accept": "text/html"})
+    assert "<pre>semantic error: fake failure in broken.stp" in h.text
 
 
 def test_query_string_is_ignored(exporter):

@@ -14,7 +14,7 @@ from conftest import pid_alive, processes_matching, wait_for, write_script
 
 def index_rows(exporter):
     rows = {}
-    for line in exporter.get("/").text.splitlines()[2:]:
+    for line in exporter.get("/").text.split("\n\n")[0].splitlines()[2:]:
         cols = line.split()
         rows[cols[0]] = {"state": cols[1], "pid": cols[2], "starts": int(cols[4]),
                          "error": " ".join(cols[5:])}
