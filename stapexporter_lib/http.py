@@ -64,6 +64,7 @@ class AcceptPaused(Exception):
     Registered with the hub as not-an-error, so no traceback is printed."""
 
 
+_VERSION_RE = re.compile(r"^HTTP/(\d{1,3})\.(\d{1,3})$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
@@ -194,6 +195,11 @@ class Handler(pywsgi.WSGIHandler):
             # No (complete) request line in time: just close.
             raise socket.error(errno.ETIMEDOUT, "request line timeout") from None
 
+    def _check_http_version(self):
+        # pywsgi's own check raises IndexError on "HTTP/1" and accepts 0.9.
+        m = _VERSION_RE.match(self.request_version)
+        return bool(m) and (1, 0) <= (int(m.group(1)), int(m.group(2))) < (2, 0)
+
     def MessageClass(self, rfile, *args):
         return _read_headers(rfile)
 
@@ -217,11 +223,12 @@ class Handler(pywsgi.WSGIHandler):
         if isinstance(ex, HeadersTooLarge):
             self.log_error("Request rejected (from %s): %s", self.client_address, ex)
             return ("431", _HEADERS_TOO_LARGE)
-        if isinstance(ex, (ValueError, pywsgi._InvalidClientInput)):
-            self.log_error("Invalid request (from %s): %s", self.client_address,
-                           getattr(ex, "formatted_message", None) or str(ex))
-            return ("400", _BAD_REQUEST)
-        return super()._handle_client_error(ex)
+        # Anything else raised while parsing a request is still the client's
+        # doing: one log line, a 400, never a traceback.
+        self.log_error("Invalid request (from %s): %s", self.client_address,
+                       getattr(ex, "formatted_message", None) or str(ex) or
+                       ex.__class__.__name__)
+        return ("400", _BAD_REQUEST)
 
     def log_error(self, msg, *args):
         try:

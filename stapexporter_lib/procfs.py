@@ -141,7 +141,7 @@ def _read_fifo(path, deadline, max_bytes, clock) -> bytes:
     while True:
         data = _read_fifo_once(path, deadline, max_bytes, clock)
         if data:
-            return data
+            return first_cycle(data)
         remaining = deadline - clock()
         if remaining <= 0:
             raise OutputTimeout("the script wrote no output before the deadline")
@@ -189,3 +189,32 @@ def _read_fifo_once(path, deadline, max_bytes, clock) -> bytes:
 
 class _WaitTimeout(Exception):
     pass
+
+
+def first_cycle(data: bytes) -> bytes:
+    """DATA cut before the start of a second write cycle, if it holds one.
+
+    The runtime writes a complete text per reader, closes, and reopens.  A
+    reader that is slow to see the end-of-file (a busy exporter) finds the
+    next cycle's text appended.  In valid exposition text a series appears
+    only once, so the first sample's series reappearing marks the next
+    cycle."""
+    start = 0
+    while data.startswith(b"#", start):  # skip leading comments
+        start = data.find(b"\n", start) + 1
+        if start == 0:
+            return data
+    end = data.find(b"\n", start)
+    if end < 0:
+        return data
+    line = data[start:end]
+    brace = line.find(b"}")
+    if brace >= 0:
+        key = line[:brace + 1]
+    else:
+        space = line.find(b" ")
+        if space <= 0:
+            return data
+        key = line[:space]
+    again = data.find(b"\n" + key + b" ", end)
+    return data[:again + 1] if again >= 0 else data

@@ -30,6 +30,7 @@ from typing import Callable, Deque, List, Optional
 
 import gevent
 import gevent.event
+import gevent.os
 from gevent import subprocess
 
 from . import compiled, procfs
@@ -42,6 +43,10 @@ log = logging.getLogger("stap-exporter")
 
 STDERR_TAIL = 20
 MAX_LINE = 4096
+_PIPE_CHUNK = 65536
+# How long a read that ended without a final newline waits to see whether
+# the script died while writing.
+_EXIT_NOTICE = 0.05
 
 # Backoff for autostart scripts that exit: 1 s doubling to 60 s, back to 1 s
 # once a run has lasted BACKOFF_RESET seconds.
@@ -139,9 +144,12 @@ def describe_exit(returncode: Optional[int]) -> str:
     return "exit status %d" % returncode
 
 
+_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7f]}
+
+
 def escape_line(text: str) -> str:
     """Control characters as escapes, so a line cannot forge log lines."""
-    return "".join(c if c >= " " and c != "\x7f" else "\\x%02x" % ord(c) for c in text)
+    return text.translate(_ESCAPES)
 
 
 class Session:
@@ -323,8 +331,11 @@ class Session:
                 raise procfs.OutputTimeout("timed out waiting for the script's output") from None
         flight = self._flight = gevent.event.AsyncResult()
         try:
-            data = self._finish(procfs.read_output(self._output_path, timeout,
-                                                   self.config.max_output, self.clock))
+            data = procfs.read_output(self._output_path, timeout, self.config.max_output,
+                                      self.clock)
+            if self._died_while_writing(data):
+                raise procfs.OutputError("the script exited while writing its output")
+            data = self._finish(data)
         except BaseException as exc:
             flight.set_exception(exc if isinstance(exc, Exception)
                                  else procfs.OutputError("read aborted"))
@@ -334,6 +345,17 @@ class Session:
             return data
         finally:
             self._flight = None
+
+    def _died_while_writing(self, data: bytes) -> bool:
+        """True if the process ended as its output was read: the text may be
+        cut short.  A text that does not end with a newline is suspect, so
+        then wait a moment for an exit to be noticed."""
+        proc = self.proc
+        if proc is None:
+            return False
+        if not proc.result.ready() and data and not data.endswith(b"\n"):
+            proc.result.wait(_EXIT_NOTICE)
+        return proc.result.ready()
 
     def _finish(self, data: bytes) -> bytes:
         """Complete the last line, add declared HELP/TYPE lines."""
@@ -436,27 +458,47 @@ class Session:
         self._stdout_reader = gevent.spawn(self._pump, proc.stdout, False)
 
     def _pump(self, stream, is_stderr: bool) -> None:
-        """Log a child's output line by line; keep stderr's tail.  Never lets
-        a chatty child block on a full pipe."""
+        """Log a child's output line by line; keep stderr's tail.  Reads the
+        pipe in chunks, cooperatively, and yields between chunks, so neither
+        a chatty child (never blocked on a full pipe) nor its output (never
+        hogging the hub) holds anything up.  Stdout is only split into lines
+        when debug logging will show it."""
         pid = self.pid
+        fd = stream.fileno()
+        gevent.os.make_nonblocking(fd)
+        pending = b""
         try:
             while True:
-                line = stream.readline(MAX_LINE)
-                if not line:
-                    return
-                text = escape_line(line.decode("utf-8", "replace").rstrip("\r\n"))
-                if is_stderr:
-                    self.stderr_tail.append(text)
-                    log.info("stderr: script=%s pid=%s %s", self.name, pid, text)
-                elif log.isEnabledFor(logging.DEBUG):
-                    log.debug("stdout: script=%s pid=%s %s", self.name, pid, text)
-        except (OSError, ValueError):
+                chunk = gevent.os.nb_read(fd, _PIPE_CHUNK)
+                if not chunk:
+                    break
+                if not is_stderr and not log.isEnabledFor(logging.DEBUG):
+                    continue
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                if len(pending) > MAX_LINE:
+                    lines.append(pending[:MAX_LINE])
+                    pending = b""
+                for line in lines:
+                    self._log_output_line(line[:MAX_LINE], is_stderr, pid)
+                gevent.sleep(0)
+            if pending:
+                self._log_output_line(pending[:MAX_LINE], is_stderr, pid)
+        except OSError:
             return
         finally:
             try:
                 stream.close()
             except OSError:
                 pass
+
+    def _log_output_line(self, line: bytes, is_stderr: bool, pid) -> None:
+        text = escape_line(line.decode("utf-8", "replace").rstrip("\r"))
+        if is_stderr:
+            self.stderr_tail.append(text)
+            log.info("stderr: script=%s pid=%s %s", self.name, pid, text)
+        else:
+            log.debug("stdout: script=%s pid=%s %s", self.name, pid, text)
 
     def _watch(self) -> None:
         try:

@@ -419,11 +419,6 @@ def test_malformed_requests(exporter, name, payload, allowed):
     assert_clean_log(exporter)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an HTTP version without a dot ('GET / HTTP/1', 'HTTP/11') makes pywsgi's"
-    " _check_http_version raise IndexError, which Handler._handle_client_error does not"
-    " map: a full Traceback is written to the log for every such request (log flooding by"
-    " any client) and pywsgi's generic 400 is sent instead of the canned one"))
 @pytest.mark.parametrize("version", [b"HTTP/1", b"HTTP/11"])
 def test_http_version_without_a_dot_is_a_clean_400(exporter, version):
     data, closed, _ = exchange(exporter, b"GET / " + version + b"\r\nHost: x\r\n\r\n",
@@ -787,11 +782,6 @@ def test_broken_scripts_and_no_fd_leak(dirs, exporter_factory):
     assert_clean_log(exp)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when a FIFO writer dies mid-output (stall, then SIGTERM/crash closes the FIFO) the"
-    " reader takes the end-of-file as the end of a complete output: the truncated text is"
-    " served as 200 (Session._finish even appends the missing newline, turning a cut-off"
-    " line into a bogus series) and the session moves starting -> running"))
 def test_writer_dying_mid_output_is_not_200(dirs, exporter_factory):
     scripts, procfs = dirs
     write_script(scripts, "stall.stp", "mode=fifo stall")
@@ -1007,12 +997,6 @@ def test_fifo_single_flight(dirs, exporter_factory):
     assert_clean_log(exp)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: under load a FIFO read spans several of the writer's cycles: procfs._read_fifo_once"
-    " keeps reading until it sees end-of-file, but when the hub is busy for more than the"
-    " writer's ~5 ms reopen gap the next writer connects before the reader polls, so no EOF"
-    " is seen and the next cycle's text is appended -- bodies with 2-3 copies of every"
-    " series (duplicate samples, which Prometheus rejects); measured in 82-97 of 100 bodies"))
 def test_fifo_body_under_load_is_one_cycle(dirs, exporter_factory):
     exp, results = _hundred_fifo_scrapes(dirs, exporter_factory)
     bad = [r.body for r in results if r.body.count(b"fake_up{") != 1]
@@ -1160,11 +1144,6 @@ def test_keepalive_ignores_wall_clock_jumps(dirs, exporter_factory, tmp_path):
     assert_clean_log(exp)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Session._pump reads a chatty child's stdout/stderr with readline() on a gevent"
-    " FileObject; while the pipe stays full, readline returns from the buffer without ever"
-    " yielding and escape_line() runs a Python loop per character, so the hub is blocked"
-    " (gevent's monitor reports the _pump greenlet blocked for > 0.1 s)"))
 def test_chatty_child_does_not_block_the_hub(dirs, exporter_factory):
     scripts, _ = dirs
     write_script(scripts, "chatty.stp", "stderr_spam=5000000 stdout_spam=5000000")
