@@ -64,6 +64,9 @@ Options:
                             [default: 4].
   --max-connections N       At most N client connections at once; more get a
                             503 and are closed [default: 512].
+  --scrape-timeout SECONDS  Longest a request waits for a running script's
+                            output; shortened by a Prometheus scraper's
+                            X-Prometheus-Scrape-Timeout-Seconds [default: 5].
   --header-timeout SECONDS  Time a client gets to send its request line and
                             headers; also how long an idle keep-alive
                             connection is kept [default: 30].
@@ -101,7 +104,8 @@ class Config:
                  log_format: str = "logfmt", validate: bool = False,
                  follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
                  max_connections: int = 512, header_timeout: float = 30.0,
-                 web_config: Optional[str] = None, recompile: bool = False):
+                 web_config: Optional[str] = None, recompile: bool = False,
+                 scrape_timeout: float = 5.0):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -120,6 +124,7 @@ class Config:
         self.header_timeout = header_timeout
         self.web_config = web_config
         self.recompile = recompile
+        self.scrape_timeout = scrape_timeout
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -143,6 +148,7 @@ def parse(argv: List[str]) -> Config:
     keepalive = _keepalive(args["--keepalive"])
     stop_timeout = _seconds("--stop-timeout", args["--stop-timeout"])
     header_timeout = _seconds("--header-timeout", args["--header-timeout"])
+    scrape_timeout = _seconds("--scrape-timeout", args["--scrape-timeout"])
     max_scripts = _count("--max-scripts", args["--max-scripts"])
     max_starting = _count("--max-starting", args["--max-starting"])
     max_connections = _count("--max-connections", args["--max-connections"])
@@ -160,7 +166,7 @@ def parse(argv: List[str]) -> Config:
                   max_starting=max_starting, max_connections=max_connections,
                   header_timeout=header_timeout,
                   web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
-                  recompile=bool(args["--recompile"]))
+                  recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout)
 
 
 def _port(value: str) -> int:

@@ -87,7 +87,8 @@ class Exporter:
             except webconfig.WebConfigError as exc:
                 raise StartupError(str(exc)) from None
         auth = webconfig.BasicAuth(self.web.users) if self.web and self.web.auth_required else None
-        self.app = App(self.manager, metrics=self.metrics, validate=config.validate, auth=auth)
+        self.app = App(self.manager, default_timeout=config.scrape_timeout,
+                       metrics=self.metrics, validate=config.validate, auth=auth)
         self.server: Optional[Server] = None
         self._stopping = gevent.event.Event()
 
