@@ -1,7 +1,6 @@
 """The set of sessions: lookups, autostarts, rescans and shutdown."""
 
 import logging
-import os
 import time
 from typing import Callable, Dict, List, Optional
 

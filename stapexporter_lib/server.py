@@ -6,7 +6,6 @@ greenlets, never inside the handler.
 
 import errno
 import logging
-import os
 import signal
 import socket
 import sys

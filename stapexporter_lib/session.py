@@ -19,7 +19,6 @@ This module knows nothing about HTTP: ``scrape()`` returns an ``Outcome``.
 import collections
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import shutil
@@ -235,10 +234,6 @@ class Session:
         """The longest a stop can take: SIGTERM grace, SIGKILL wait, then the
         grace again for what is left of the process group."""
         return 2 * self.config.stop_grace + 5 + 1
-
-    def wait_changed(self, timeout: float) -> bool:
-        """Wait until the next state change; True if one happened."""
-        return self._changed.wait(timeout)
 
     def scrape(self, timeout: float) -> Outcome:
         """Answer one request: start the script if needed, and read its output

@@ -105,10 +105,11 @@ class Exporter:
                  extra_procfs=()):
         self.scripts = str(scripts)
         self.procfs = str(procfs)
-        self.host = host
         self.log_lines = []
         self._log_cond = threading.Condition()
-        cmd = [sys.executable, EXPORTER, "-p", "0", "--listen", host, "-s", self.scripts,
+        listen = ["--listen", host] if host else []  # None: the default (all interfaces)
+        self.host = host or "127.0.0.1"
+        cmd = [sys.executable, EXPORTER, "-p", "0"] + listen + ["-s", self.scripts,
                "--stap", stap, "--procfs-dirs", ":".join([self.procfs] + list(extra_procfs)),
                "--log-level", "debug"]
         cmd += list(args)

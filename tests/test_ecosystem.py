@@ -2,7 +2,6 @@
 health endpoints, typed metrics from script comments, validation, JSON logs."""
 
 import gzip
-import http.client
 import json
 
 from prometheus_client.parser import text_string_to_metric_families

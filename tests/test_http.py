@@ -178,3 +178,20 @@ def test_accepted_sockets_get_tcp_nodelay(monkeypatch):
     finally:
         for s in (client, accepted, listener):
             s.close()
+
+
+@pytest.mark.parametrize("listen,connect", [("::1", "::1"), ("::", "127.0.0.1"),
+                                            ("::", "::1"), ("127.0.0.1", "127.0.0.1"),
+                                            (None, "127.0.0.1"), (None, "::1")])
+def test_listen_addresses(dirs, listen, connect):
+    import http.client
+    from conftest import Exporter
+    scripts, procfs = dirs
+    exp = Exporter(scripts, procfs, host=listen)
+    try:
+        conn = http.client.HTTPConnection(connect, exp.port, timeout=5)
+        conn.request("GET", "/-/healthy")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        exp.stop()

@@ -4,12 +4,11 @@ signals, clean-up.  Every wait is on a condition with a deadline."""
 import os
 import re
 import signal
-import stat
 import time
 
 import pytest
 
-from conftest import pid_alive, processes_matching, wait_for, write_script
+from conftest import pid_alive, wait_for, write_script
 
 
 def index_rows(exporter):

@@ -7,7 +7,6 @@ pool (real threads, stdlib sockets) so the hub keeps serving meanwhile."""
 import base64
 import contextlib
 import http.client
-import os
 import shutil
 import ssl
 import subprocess
