@@ -422,6 +422,11 @@ class Session:
         self._produced = False
         self._utf8_warned = False
         self.stderr_tail.clear()
+        # A stale FIFO from an earlier run that died unseen would be read
+        # instead of the new one (and never answer): start from a clean slate.
+        for directory in self._remove_module_dirs():
+            log.warning("stale: script=%s removed %s left by an earlier run", self.name,
+                        directory)
         self._read_script()
         argv = self._argv()
         try:
@@ -655,12 +660,20 @@ class Session:
     def _remove_leftovers(self) -> None:
         """Remove the private working directory and any module directory the
         runtime failed to remove (the BPF runtime's FIFO directory after a
-        SIGKILL).  /proc entries belong to the kernel and are left alone."""
+        SIGKILL)."""
         self._remove_workdir()
+        self._remove_module_dirs()
+        self._output_path = None
+
+    def _remove_module_dirs(self) -> List[str]:
+        """Remove this module's directories outside /proc (whose entries
+        belong to the kernel); returns what was removed."""
+        removed = []
         for directory in procfs.module_dirs(self.script.module, self.config.procfs_dirs):
             if not directory.startswith("/proc/"):
                 _rmtree(directory)
-        self._output_path = None
+                removed.append(directory)
+        return removed
 
     def _remove_workdir(self) -> None:
         if self._workdir:

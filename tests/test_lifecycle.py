@@ -407,3 +407,15 @@ def test_spawn_failure_is_502(dirs, exporter_factory):
     r = exp.get("/a.stp")
     assert r.status == 502
     assert "cannot run /nonexistent/stap" in r.text
+
+
+def test_stale_fifo_from_an_earlier_run_is_removed_before_start(dirs, exporter_factory):
+    scripts, procfs = dirs
+    write_script(scripts, "stale.stp", "mode=fifo")
+    exp = exporter_factory()
+    module_dir = procfs / (exp.module_prefix + "stale")
+    module_dir.mkdir()
+    os.mkfifo(str(module_dir / "__prometheus"))  # no writer will ever come
+    r = exp.get_until("/stale.stp", timeout=10)
+    assert "fake_up" in r.text
+    exp.wait_log(r"event=stale script=stale\.stp removed .*%s" % re.escape(str(module_dir)))
