@@ -39,22 +39,17 @@ class Manager:
         A script whose file was removed keeps serving while it runs and is
         forgotten once it has stopped."""
         session = self.sessions.get(name)
-        script = self.catalog.get(name)
-        if script is not None and (session is None or not session.live):
-            # Not running: make sure the file is still servable before starting.
-            if not self.catalog.still_valid(script):
-                self.catalog.rescan()
-                script = self.catalog.get(name)
-        elif script is None:
-            script = self.catalog.lookup(name)
+        if session is not None and session.live:
+            return session  # running, even if its file is gone: keep serving
+        # Not running: it will start, so its file must (still) be servable.
+        script = self.catalog.lookup(name)
+        if script is not None and not self.catalog.still_valid(script):
+            self.catalog.rescan()
+            script = self.catalog.get(name)
         if script is None:
-            if session is not None and session.live:
-                return session
             self.sessions.pop(name, None)
             return None
         if session is None or session.script is not script:
-            if session is not None and session.live:
-                return session
             session = self.sessions[name] = self._factory(script, self.config, clock=self.clock,
                                                           admit=self._admit)
         return session
