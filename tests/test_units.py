@@ -1,7 +1,6 @@
 """Pure functions, tested in-process: FIFO cycle splitting, typed-metric
 declarations, module names, log escaping."""
 
-import os
 import sys
 
 import pytest
