@@ -240,14 +240,19 @@ def exporter_factory(dirs):
         return exp
     yield start
     for exp in started:
-        exp.stop()
-        left = exp.children()
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        assert not left, "children left behind: %s" % left
+        stop_and_check(exp)
+
+
+def stop_and_check(exp):
+    """Stop EXP; fail if any child outlived it (after killing it)."""
+    exp.stop()
+    left = exp.children()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, "children left behind: %s" % left
 
 
 REQUIRE_REALSTAP = os.environ.get("STAP_EXPORTER_REQUIRE_REALSTAP") == "1"

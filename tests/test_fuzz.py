@@ -9,7 +9,6 @@ daemon is alive, answers a good request and has logged no traceback."""
 
 import os
 import re
-import signal
 import socket
 import time
 
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Exporter, write_script
+from conftest import Exporter, stop_and_check, write_script
 
 DEADLINE = 5.0
 STATUS_RE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
@@ -38,14 +37,7 @@ def fuzz_exporter(tmp_path_factory):
         assert exp.get_until("/good.stp").status == 200
         yield exp
     finally:
-        exp.stop()
-        left = exp.children()
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        assert not left, "children left behind: %s" % left
+        stop_and_check(exp)
 
 
 def send(exp, data):
