@@ -649,9 +649,10 @@ class Session:
 
     def _keep_compiled(self) -> None:
         """After a full compile that produced output, keep the module for the
-        next start."""
+        next start (not when stopping for good)."""
         cache = self.config.module_cache
         if (cache is not None and self._workdir and self._produced and not self._from_cache
+                and not self._stop_requested  # shutting down: no next start to speed up
                 and self._digest is not None and not self.script.is_executable()):
             if cache.keep(self.script.module, self._digest, self._workdir):
                 log.info("cache: script=%s kept the compiled module for the next start",
