@@ -10,6 +10,7 @@ import html
 import time
 from email.utils import formatdate
 from typing import Callable, List, Optional, Tuple
+from urllib.parse import quote
 
 from . import __version__
 from .catalog import valid_name
@@ -269,5 +270,4 @@ def validation_error(body: bytes) -> Optional[str]:
 
 
 def _quote(name: str) -> str:
-    from urllib.parse import quote
     return quote(name, safe="")

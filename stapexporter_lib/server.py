@@ -35,6 +35,11 @@ class StartupError(Exception):
     """The server could not start; the message is one line for the user."""
 
 
+def show_address(host: str, port: int) -> str:
+    """HOST:PORT, with IPv6 addresses in brackets."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
 def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
     """Bind and listen.  ADDR None means every interface: IPv6 dual-stack
     when the host has IPv6, IPv4 otherwise.  Raises StartupError."""
@@ -58,8 +63,7 @@ def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
             return sock
         except OSError as exc:
             sock.close()
-            shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-            last = "cannot listen on %s: %s" % (shown, exc.strerror)
+            last = "cannot listen on %s: %s" % (show_address(host, port), exc.strerror)
             if addr is None and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 continue
             break
@@ -105,11 +109,9 @@ class Exporter:
                              max_connections=self.config.max_connections,
                              **webconfig.wrap_socket_args(self.web))
         self.server.start()
-        host, port = listener.getsockname()[:2]
-        shown = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
         self.manager.start()
         log.info("started: stap-exporter %s listening on %s, scripts in %s: %s",
-                 __version__, shown, self.catalog.directory,
+                 __version__, show_address(*listener.getsockname()[:2]), self.catalog.directory,
                  ", ".join(self.catalog.names()) or "none")
         if self.web is not None:
             log.info("web-config: %s: TLS %s, basic auth %s", self.config.web_config,

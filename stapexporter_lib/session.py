@@ -557,26 +557,19 @@ class Session:
     def _handle_exit(self) -> None:
         proc = self.proc
         uptime = self.clock() - (self.started_at or self.clock())
-        self._join_readers()
-        self._kill_stragglers()
         if self._from_cache and not self._produced and not self._stop_requested:
             # The kept module would not run (a changed kernel or runtime, say):
             # forget it and compile afresh, without bothering the client.
             log.warning("cache: script=%s pid=%d compiled module failed (%s); recompiling",
                         self.name, proc.pid, describe_exit(proc.returncode))
             self.config.module_cache.drop(self.script.module)
-            self._remove_leftovers()
-            self.proc = None
-            self.pid = None
+            self._end_run()
             return  # still STARTING: the watchdog spawns the full compile
-        self._keep_compiled()
-        self._remove_leftovers()
+        self._end_run()
         self.last_error = describe_exit(proc.returncode)
         self.exits["error" if proc.returncode != 0 else "exited"] += 1
         log.warning("exited: script=%s pid=%d (%s; not expected)", self.name, proc.pid,
                     self.last_error)
-        self.proc = None
-        self.pid = None
         self._after_exit(uptime)
 
     def _after_exit(self, uptime: float) -> None:
@@ -598,21 +591,29 @@ class Session:
         log.info("stopping: script=%s pid=%d reason=%s", self.name, proc.pid,
                  "idle for %gs" % self.config.keepalive if reason == "idle" else reason)
         self._kill_group(signal.SIGTERM)
-        if proc.result.wait(self.config.stop_grace) is None and not proc.result.ready():
+        proc.result.wait(self.config.stop_grace)
+        if not proc.result.ready():
             log.warning("kill: script=%s pid=%d did not stop within %g s; sending SIGKILL",
                         self.name, proc.pid, self.config.stop_grace)
             self._kill_group(signal.SIGKILL)
             proc.result.wait(5)
+        self._end_run()
+        self.exits["stopped"] += 1
+        log.info("stopped: script=%s pid=%d (%s)", self.name, proc.pid,
+                 describe_exit(proc.returncode))
+        self._transition(STOPPED)
+
+    def _end_run(self) -> None:
+        """What every end of a run needs, whatever ended it: drain the output
+        readers, stop what is left of the process group, keep the compiled
+        module if it is worth keeping, remove the run's files, and forget the
+        process."""
         self._join_readers()
         self._kill_stragglers()
         self._keep_compiled()
         self._remove_leftovers()
-        self.exits["stopped"] += 1
-        log.info("stopped: script=%s pid=%d (%s)", self.name, proc.pid,
-                 describe_exit(proc.returncode))
         self.proc = None
         self.pid = None
-        self._transition(STOPPED)
 
     def _kill_group(self, sig: int) -> bool:
         """Signal the script's process group; False when it is gone."""
@@ -621,9 +622,7 @@ class Session:
         try:
             os.killpg(self.pid, sig)
             return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):
             return False
 
     def _kill_stragglers(self) -> None:
