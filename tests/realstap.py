@@ -24,6 +24,15 @@ and "What the runtime does"):
   ``KB/System.map`` so that ``stap --runtime=kernel -p2`` can resolve
   kprobe-based probe points (``syscall.*`` falls back to ``nd_syscall.*``
   kprobes); that lets us *elaborate* kernel-runtime example scripts here.
+  Its ``KB/.config`` is the running kernel's ``/proc/config.gz`` when there
+  is one (with the options timer scripts need forced on), so that stap sees
+  ``CONFIG_UPROBES`` and accepts user-space probes.
+* debugfs on ``/sys/kernel/debug`` (and tracefs under it): stapbpf registers
+  user-space probes through ``/sys/kernel/debug/tracing/uprobe_events``.
+  ``tools/stap-bpf-setup`` mounts them when missing and says so on stderr
+  (kept as ``RealStap.setup_messages``); ``uprobe_skip_reason()`` says why
+  user-space probes cannot work when they cannot.  The mounts stay: other
+  tests running at the same time may use them.
 * ``setrlimit-shim.so`` in ``LD_PRELOAD`` -- stapbpf insists on raising
   RLIMIT_MEMLOCK and aborts with "could not increase map resource limit" in a
   sandbox without CAP_SYS_RESOURCE; modern kernels do not need the limit for
@@ -144,9 +153,10 @@ def fifo_path(module):
 class RealStap:
     """A prepared directory: `.stap` wrapper, `.kb` build tree, `.shim`."""
 
-    def __init__(self, directory, stap):
+    def __init__(self, directory, stap, setup_messages=""):
         self.directory = os.path.abspath(directory)
         self.stap = stap
+        self.setup_messages = setup_messages
         self.kb = os.path.join(self.directory, "KB")
         self.shim = os.path.join(self.directory, "setrlimit-shim.so")
         self.env = dict(os.environ, **BPF_RUNTIME_ENV)
@@ -231,7 +241,30 @@ def prepare(directory):
                            % (SETUP_TOOL, directory, proc.returncode,
                               proc.stderr.decode("utf-8", "replace").strip()))
     stap = proc.stdout.decode().strip().splitlines()[-1]
-    return RealStap(directory, stap)
+    return RealStap(directory, stap, proc.stderr.decode("utf-8", "replace"))
+
+
+UPROBE_EVENTS = "/sys/kernel/debug/tracing/uprobe_events"
+UPROBE_CONFIG = ("CONFIG_UPROBES=y", "CONFIG_UPROBE_EVENTS=y")
+
+
+def uprobe_skip_reason(rs):
+    """None when user-space probes can run with the prepared RS, else why not.
+
+    Call after prepare(): tools/stap-bpf-setup has mounted debugfs by then
+    if it could."""
+    with open(os.path.join(rs.kb, ".config")) as f:
+        config = f.read().splitlines()
+    missing = [opt for opt in UPROBE_CONFIG if opt not in config]
+    if missing:
+        return ("the stand-in kernel tree's .config lacks %s (no /proc/config.gz "
+                "saying the kernel has them): user-space probes cannot work"
+                % ", ".join(missing))
+    if not os.path.exists(UPROBE_EVENTS):
+        return ("%s is missing although tools/stap-bpf-setup tried to mount debugfs "
+                "(%s): stapbpf cannot register user-space probes"
+                % (UPROBE_EVENTS, rs.setup_messages.strip() or "it said nothing"))
+    return None
 
 
 def read_fifo(path, timeout=10.0, proc=None):
