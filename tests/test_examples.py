@@ -3,8 +3,9 @@
 * every example has the documented header comment and `// prometheus:`
   TYPE/HELP declarations, and avoids the tapset macros broken in 4.8;
 * every example elaborates (`stap -p2`, realstap);
-* every examples/bpf script really runs on the BPF runtime and produces valid
-  Prometheus text (realstap).
+* every examples/bpf script without user-space probes really runs on the BPF
+  runtime and produces valid Prometheus text (realstap); those with
+  user-space probes run end to end in tests/test_uprobe_examples.py.
 """
 
 import glob
@@ -37,8 +38,17 @@ HELP_RE = re.compile(r"^// prometheus: HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) (\S.*)$")
 BROKEN_MACRO_RE = re.compile(r"@prometheus_dump_array4(_map)?(_unquoted)?\b"
                              r"|@prometheus_dump_array8_map_unquoted\b")
 HEADER_FIELDS = ("Measures:", "Probes:", "Overhead:", "Runtime:")
-# Probe points the BPF runtime supports on these machines (real-systemtap.md).
-BPF_PROBE_RE = re.compile(r"^(begin|end|error|timer\.\w+\(\d+\)|procfs\b.*|prometheus)$")
+# Probe points the BPF runtime supports on these machines (real-systemtap.md):
+# timers, procfs and user-space probes on a library or program given by its
+# absolute path (optionally `!`, sufficient: the first that resolves wins).
+BPF_PROBE_RE = re.compile(r"^(begin|end|error|timer\.\w+\(\d+\)|procfs\b.*|prometheus"
+                          r'|process\("/[^"]+"\)\.function\("\w+"\)(\.return)?\s*!?)$')
+UPROBE_RE = re.compile(r'^\s*probe\s+process\(', re.M)
+
+
+def uses_uprobes(path):
+    with open(path) as f:
+        return bool(UPROBE_RE.search(f.read()))
 
 
 def declarations(text):
@@ -79,6 +89,7 @@ def strip_comments(text):
 def test_examples_exist():
     names = [os.path.basename(p) for p in ALL_EXAMPLES]
     assert len(BPF_EXAMPLES) >= 3, BPF_EXAMPLES
+    assert len([p for p in BPF_EXAMPLES if uses_uprobes(p)]) >= 3, BPF_EXAMPLES
     assert len(ALL_EXAMPLES) - len(BPF_EXAMPLES) >= 5
     assert any("autostart" in os.path.basename(p) for p in BPF_EXAMPLES)
     assert any("autostart" in n for n in names if n not in
@@ -149,6 +160,10 @@ def only_environment_errors(stderr):
 @pytest.mark.parametrize("path", ALL_EXAMPLES, ids=_id)
 def test_example_elaborates(rs, path):
     runtime = _runtime(path)
+    if uses_uprobes(path):
+        reason = realstap.uprobe_skip_reason(rs)
+        if reason:
+            pytest.skip(reason)
     rc, stderr = rs.elaborate(path, runtime=runtime, timeout=60)
     if rc != 0 and runtime == "kernel" and only_environment_errors(stderr):
         # The kernel probe points cannot be resolved on a machine without kernel
@@ -209,7 +224,7 @@ def annotate(text, decls):
 
 
 @pytest.mark.realstap
-@pytest.mark.parametrize("path", BPF_EXAMPLES, ids=_id)
+@pytest.mark.parametrize("path", [p for p in BPF_EXAMPLES if not uses_uprobes(p)], ids=_id)
 def test_bpf_example_runs(rs, path, tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
