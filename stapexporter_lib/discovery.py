@@ -40,7 +40,8 @@ def parse_host_port(text: str, default_port: Optional[int] = None) -> Optional[A
     None when TEXT is not a plain host name, IPv4 address or bracketed IPv6
     address with an optional port in 1-65535.  Without a port, DEFAULT_PORT
     is used (None: a port is required).  IPv6 hosts come back without
-    brackets; zone ids (``%eth0``) are refused."""
+    brackets, in their compressed lower-case form; zone ids (``%eth0``) are
+    refused."""
     if not text or len(text) > MAX_HOST_HEADER or not text.isascii():
         return None
     host, port_text = _split_host_port(text)
@@ -54,6 +55,8 @@ def parse_host_port(text: str, default_port: Optional[int] = None) -> Optional[A
         return None
     if port is None or not _valid_host(host):
         return None
+    if ":" in host:  # one spelling per address: the instance label must not vary
+        host = str(ipaddress.IPv6Address(host))
     return host, port
 
 
