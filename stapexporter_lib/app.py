@@ -18,6 +18,7 @@ import gevent
 
 from . import __version__, discovery, indexpage, proccost
 from .catalog import valid_name
+from .indexpage import terminal_safe
 from .session import Outcome, Session, escape_line
 from .webconfig import CHALLENGE
 
@@ -114,7 +115,7 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return text_response(405, "Method %s is not allowed; use GET or HEAD."
-                                 % escape_line(method)[:32], [("Allow", "GET, HEAD")])
+                                 % terminal_safe(method)[:32], [("Allow", "GET, HEAD")])
         path = _request_path(environ)
         if path == "/":
             return self.index(environ)
@@ -127,7 +128,7 @@ class App:
         session = self.manager.get(name)
         if session is None:
             return text_response(404, "No script named %s in the scripts directory."
-                                 % escape_line(name)[:300])
+                                 % terminal_safe(name)[:300])
         return self.scrape(session, environ)
 
     def scrape(self, session: Session, environ) -> Response:
@@ -153,16 +154,18 @@ class App:
         return self._failure(outcome), outcome.kind
 
     def _failure(self, outcome: Outcome) -> Response:
+        # The message may quote the script's stderr: keep a terminal safe.
+        message = terminal_safe(outcome.message, keep_newlines=True)
         extra = []
         if outcome.retry_after is not None:
             extra.append(("Retry-After", "%d" % max(1, round(outcome.retry_after))))
         if outcome.kind == Outcome.NOT_READY:
-            return text_response(503, "%s  %s" % (NOT_READY_PREFIX, outcome.message), extra)
+            return text_response(503, "%s  %s" % (NOT_READY_PREFIX, message), extra)
         if outcome.kind == Outcome.FAILED:
-            return text_response(502, outcome.message + "\nThe next request starts it again.")
+            return text_response(502, message + "\nThe next request starts it again.")
         if outcome.kind == Outcome.BUSY:
-            return text_response(503, "Too busy to start the script: %s" % outcome.message, extra)
-        return text_response(503, "Script output unavailable: %s" % outcome.message, extra)
+            return text_response(503, "Too busy to start the script: %s" % message, extra)
+        return text_response(503, "Script output unavailable: %s" % message, extra)
 
     def _timeout(self, environ) -> float:
         """The scrape's deadline: ours, shortened to end a little before the

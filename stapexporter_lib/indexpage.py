@@ -27,8 +27,11 @@ _TERMINAL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x
 _TERMINAL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
-def terminal_safe(text: str) -> str:
-    """TEXT with every control character written as a visible escape."""
+def terminal_safe(text: str, keep_newlines: bool = False) -> str:
+    """TEXT with every control character written as a visible escape (but
+    line feeds kept with KEEP_NEWLINES, for multi-line messages)."""
+    if keep_newlines:
+        return "\n".join(line.translate(_TERMINAL_ESCAPES) for line in text.split("\n"))
     return text.translate(_TERMINAL_ESCAPES)
 
 

@@ -51,7 +51,8 @@ def test_text_index_escapes_every_control_character(dirs, exporter_factory):
     hostile_scripts(scripts)
     exp = exporter_factory()
     exp.get_until("/quick.stp")
-    exp.get_until("/loud.stp", 502)
+    failure = exp.get_until("/loud.stp", 502).text  # quotes the script's stderr
+    assert "\\x1b[31mRED" in failure and not RAW_CONTROLS.search(failure), failure
     exp.get_until("/" + ESC_NAME.replace("\x1b", "%1B").replace("\x07", "%07"), 502)
     r = exp.get("/")
     assert r.status == 200 and r.header("Content-Type").startswith("text/plain")
