@@ -188,7 +188,8 @@ def _html_row(row: ScriptRow) -> str:
     if row.last_error and row.stderr_tail:
         error += ("<details><summary>standard error, last %d lines</summary><pre>%s</pre>"
                   "</details>" % (len(row.stderr_tail), _h("\n".join(row.stderr_tail))))
-    contents = ['<a href="%s">%s</a>' % (html.escape(quote(row.name, safe="", errors="surrogateescape")), _h(row.name)),
+    href = html.escape(quote(row.name, safe="", errors="surrogateescape"))
+    contents = ['<a href="%s">%s</a>' % (href, _h(row.name)),
                 '<span class="state %s">%s</span>' % (row.state, _h(row.state)),
                 cells[2], cells[3], cells[4], ago, cells[6], cells[7], cells[8], error]
     return '<tr class="script-row">%s</tr>' % ("".join(
