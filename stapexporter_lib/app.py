@@ -1,21 +1,28 @@
-"""WSGI routing: status codes, headers, the index page.
+"""WSGI routing: status codes, headers, the index page, service discovery.
 
 The real work is ``App.respond()``, a plain method returning
 ``(status, headers, body)``; ``App.__call__`` is the thin WSGI shell.  It asks
 the manager for sessions and sessions for outcomes; it never spawns anything.
+The index page's rendering lives in ``indexpage``, the ``/targets`` document
+in ``discovery``, the reading of scripts' costs in ``proccost``.
 """
 
 import gzip
-import html
+import logging
+import os
 import time
 from email.utils import formatdate
-from typing import Callable, List, Optional, Tuple
-from urllib.parse import quote
+from typing import Callable, Dict, List, Optional, Tuple
 
-from . import __version__
+import gevent
+
+from . import __version__, discovery, indexpage, proccost
 from .catalog import valid_name
+from .indexpage import terminal_safe
 from .session import Outcome, Session, escape_line
 from .webconfig import CHALLENGE
+
+log = logging.getLogger("stap-exporter")
 
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
@@ -73,8 +80,14 @@ class App:
 
     def __init__(self, manager, default_timeout: float = DEFAULT_SCRAPE_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic, metrics=None,
-                 validate: bool = False, auth=None):
+                 validate: bool = False, auth=None, advertise: Optional[str] = None,
+                 proc: str = proccost.DEFAULT_PROC,
+                 wall_clock: Callable[[], float] = time.time):
         self.manager = manager
+        self.advertise = advertise  # HOST:PORT for /targets, overriding the Host header
+        self.proc = proc
+        self.wall_clock = wall_clock
+        self.last_scrape: Dict[str, float] = {}  # script -> wall time of its last request
         self.default_timeout = default_timeout
         self.clock = clock
         self.metrics = metrics
@@ -102,8 +115,8 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return text_response(405, "Method %s is not allowed; use GET or HEAD."
-                                 % escape_line(method)[:32], [("Allow", "GET, HEAD")])
-        path = environ.get("PATH_INFO", "/")
+                                 % terminal_safe(method)[:32], [("Allow", "GET, HEAD")])
+        path = _request_path(environ)
         if path == "/":
             return self.index(environ)
         if path in ROUTES:
@@ -115,14 +128,16 @@ class App:
         session = self.manager.get(name)
         if session is None:
             return text_response(404, "No script named %s in the scripts directory."
-                                 % escape_line(name)[:300])
+                                 % terminal_safe(name)[:300])
         return self.scrape(session, environ)
 
     def scrape(self, session: Session, environ) -> Response:
         started = self.clock()
+        self.last_scrape[session.name] = self.wall_clock()
         response, reason = self._scrape(session, environ)
         if self.metrics is not None:
             self.metrics.observe(session.name, self.clock() - started, reason)
+            self.metrics.note_start(session)
         return response
 
     def _scrape(self, session: Session, environ):
@@ -139,16 +154,18 @@ class App:
         return self._failure(outcome), outcome.kind
 
     def _failure(self, outcome: Outcome) -> Response:
+        # The message may quote the script's stderr: keep a terminal safe.
+        message = terminal_safe(outcome.message, keep_newlines=True)
         extra = []
         if outcome.retry_after is not None:
             extra.append(("Retry-After", "%d" % max(1, round(outcome.retry_after))))
         if outcome.kind == Outcome.NOT_READY:
-            return text_response(503, "%s  %s" % (NOT_READY_PREFIX, outcome.message), extra)
+            return text_response(503, "%s  %s" % (NOT_READY_PREFIX, message), extra)
         if outcome.kind == Outcome.FAILED:
-            return text_response(502, outcome.message + "\nThe next request starts it again.")
+            return text_response(502, message + "\nThe next request starts it again.")
         if outcome.kind == Outcome.BUSY:
-            return text_response(503, "Too busy to start the script: %s" % outcome.message, extra)
-        return text_response(503, "Script output unavailable: %s" % outcome.message, extra)
+            return text_response(503, "Too busy to start the script: %s" % message, extra)
+        return text_response(503, "Script output unavailable: %s" % message, extra)
 
     def _timeout(self, environ) -> float:
         """The scrape's deadline: ours, shortened to end a little before the
@@ -183,61 +200,66 @@ class App:
             return text_response(503, "Not ready: %s" % error)
         return text_response(200, "stap-exporter is ready.")
 
+    # -- service discovery ------------------------------------------------
+
+    def targets(self, environ) -> Response:
+        """Prometheus http_sd: one target group per script this exporter would
+        serve now.  Starts nothing."""
+        address = self.advertise
+        if address is None:
+            address, refused = discovery.request_address(environ)
+            if refused is not None:
+                log.info("targets: refused Host header %s from %s; advertising the local"
+                         " address %s instead (see --advertise-address)",
+                         escape_line(refused)[:MAX_LOGGED_HOST], environ.get("REMOTE_ADDR", "-"),
+                         address)
+            if address is None:
+                return text_response(503, "Cannot tell which address to advertise: the"
+                                     " request has no usable Host header; see"
+                                     " --advertise-address.")
+        scheme = environ.get("wsgi.url_scheme", "http")
+        groups = discovery.target_groups(self._servable_names(), address, scheme)
+        return "200 OK", [("Content-Type", discovery.CONTENT_TYPE_JSON)], discovery.render(groups)
+
+    def _servable_names(self) -> List[str]:
+        """The scripts a request could be served from now, as the directory
+        lists them (a script added since the last scan included, one removed
+        excluded).  Names that are not UTF-8 cannot appear in a scrape URL."""
+        catalog = self.manager.catalog
+        try:
+            listing = gevent.get_hub().threadpool.apply(os.listdir, (catalog.directory,))
+        except OSError:
+            return catalog.names()
+        names = []
+        for name in sorted(listing):
+            if not valid_name(name) or not _is_utf8(name):
+                continue
+            if catalog.lookup(name) is not None:  # rescans only for a new file
+                names.append(name)
+        return names
+
     # -- index page -------------------------------------------------------
 
     def index(self, environ) -> Response:
-        rows = []
-        tails = []
-        for s in self.manager.all():
-            if s.last_error and s.stderr_tail:
-                tails.append((s.name, list(s.stderr_tail)))
-            uptime = s.uptime()
-            rows.append((s.name, s.state, str(s.pid) if s.pid else "-",
-                         "%.0fs" % uptime if uptime is not None else "-",
-                         str(s.starts), s.last_error or "-"))
-        error = self.manager.catalog.last_error
+        sessions = self.manager.all()
+        costs = proccost.measure([s.pid for s in sessions if s.pid], self.proc)
+        now = self.wall_clock()
+        rows = [self._row(s, costs.get(s.pid) if s.pid else None, now) for s in sessions]
+        page = indexpage.Page(__version__, self.manager.catalog.directory,
+                              self.manager.catalog.last_error, rows)
         if "text/html" in environ.get("HTTP_ACCEPT", ""):
-            return ("200 OK", [("Content-Type", CONTENT_TYPE_HTML)],
-                    self._html(rows, error, tails))
-        return "200 OK", [("Content-Type", CONTENT_TYPE_TEXT)], self._text(rows, error, tails)
+            return "200 OK", [("Content-Type", CONTENT_TYPE_HTML)], indexpage.render_html(page)
+        return "200 OK", [("Content-Type", CONTENT_TYPE_TEXT)], indexpage.render_text(page)
 
-    def _text(self, rows, error, tails) -> bytes:
-        lines = ["stap-exporter %s: %d scripts in %s" % (
-            __version__, len(rows), self.manager.catalog.directory)]
-        if error:
-            lines.append("error: " + error)
-        header = ("SCRIPT", "STATE", "PID", "UPTIME", "STARTS", "LAST ERROR")
-        table = [header] + rows
-        widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-        for r in table:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-        for name, tail in tails:
-            lines.append("")
-            lines.append("%s: last lines of standard error:" % name)
-            lines.extend("  " + line for line in tail)
-        return ("\n".join(lines) + "\n").encode("utf-8", "replace")
-
-    def _html(self, rows, error, tails) -> bytes:
-        e = html.escape
-        out = ["<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-               "<title>stap-exporter</title></head><body>",
-               "<h1>stap-exporter %s</h1>" % e(__version__),
-               "<p>%d scripts in <code>%s</code></p>" % (len(rows),
-                                                        e(self.manager.catalog.directory))]
-        if error:
-            out.append("<p><strong>error:</strong> %s</p>" % e(error))
-        out.append("<table border=\"1\"><tr><th>script</th><th>state</th><th>pid</th>"
-                   "<th>uptime</th><th>starts</th><th>last error</th></tr>")
-        for name, state, pid, uptime, starts, err in rows:
-            out.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td><td>%s</td><td>%s</td>"
-                       "<td>%s</td><td>%s</td></tr>" % (
-                           e(_quote(name)), e(name), e(state), pid, uptime, starts, e(err)))
-        out.append("</table>")
-        for name, tail in tails:
-            out.append("<h2>%s: last lines of standard error</h2><pre>%s</pre>"
-                       % (e(name), e("\n".join(tail))))
-        out.append("</body></html>\n")
-        return "\n".join(out).encode("utf-8", "replace")
+    def _row(self, s: Session, cost: Optional[proccost.Cost], now: float) -> indexpage.ScriptRow:
+        scraped = self.last_scrape.get(s.name)
+        return indexpage.ScriptRow(
+            name=s.name, state=s.state, pid=s.pid, uptime=s.uptime(), starts=s.starts,
+            scraped_ago=None if scraped is None else now - scraped,
+            output_bytes=s.last_output_bytes,
+            cpu_seconds=cost.cpu_seconds if cost else None,
+            resident_bytes=cost.resident_bytes if cost else None,
+            last_error=s.last_error, stderr_tail=list(s.stderr_tail))
 
 
 _date_cache = [0, ""]
@@ -252,7 +274,31 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready"}
+ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready",
+          "/targets": "targets"}
+
+# A refused Host header is logged, cut to this many characters.
+MAX_LOGGED_HOST = 100
+
+
+def _request_path(environ) -> str:
+    """PATH_INFO as the file system names it.  WSGI hands over the path's
+    bytes as Latin-1 (PEP 3333); file names are UTF-8 (undecodable bytes kept
+    as surrogates, as ``os.listdir`` gives them), so ``/%C3%BC.stp`` reaches
+    the script listed as ``\u00fc.stp``."""
+    path = environ.get("PATH_INFO", "/")
+    try:
+        return path.encode("latin-1").decode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # not from a WSGI server: already text
+        return path
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from the file system
+        return False
+    return True
 
 
 def validation_error(body: bytes) -> Optional[str]:
@@ -267,7 +313,3 @@ def validation_error(body: bytes) -> Optional[str]:
     except Exception as exc:  # the parser raises ValueError and others
         return escape_line(str(exc))[:300] or exc.__class__.__name__
     return None
-
-
-def _quote(name: str) -> str:
-    return quote(name, safe="")

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from docopt import DocoptExit, docopt
 
-from . import __version__, procfs
+from . import __version__, discovery, procfs
 
 PROG = "stap-exporter"
 
@@ -51,6 +51,9 @@ Options:
   -c SCRIPTS                Same as --scripts.
   --listen ADDR             Address to listen on, e.g. 127.0.0.1 or ::1
                             (default: all interfaces, IPv6 and IPv4).
+  --advertise-address HOST:PORT
+                            Address /targets gives Prometheus for every script
+                            (default: the Host the client used).
   --stap CMD                Command that runs a script file that is not
                             executable; split like a shell would [default: stap].
   --procfs-dirs DIRS        Colon-separated directories searched for
@@ -105,7 +108,7 @@ class Config:
                  follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
                  max_connections: int = 512, header_timeout: float = 30.0,
                  web_config: Optional[str] = None, recompile: bool = False,
-                 scrape_timeout: float = 5.0):
+                 scrape_timeout: float = 5.0, advertise_address: Optional[str] = None):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -125,6 +128,7 @@ class Config:
         self.web_config = web_config
         self.recompile = recompile
         self.scrape_timeout = scrape_timeout
+        self.advertise_address = advertise_address
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -153,6 +157,7 @@ def parse(argv: List[str]) -> Config:
     max_starting = _count("--max-starting", args["--max-starting"])
     max_connections = _count("--max-connections", args["--max-connections"])
     listen = _listen(args["--listen"])
+    advertise = _advertise(args["--advertise-address"])
     stap = _stap(args["--stap"])
     procfs_dirs = _procfs_dirs(args["--procfs-dirs"])
     log_level = _log_level(args["--log-level"])
@@ -166,7 +171,8 @@ def parse(argv: List[str]) -> Config:
                   max_starting=max_starting, max_connections=max_connections,
                   header_timeout=header_timeout,
                   web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
-                  recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout)
+                  recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout,
+                  advertise_address=advertise)
 
 
 def _port(value: str) -> int:
@@ -223,6 +229,17 @@ def _listen(value: Optional[str]) -> Optional[str]:
     if not addr:
         raise UsageError("--listen: empty address")
     return addr
+
+
+def _advertise(value: Optional[str]) -> Optional[str]:
+    """HOST:PORT (IPv6 in brackets), normalised; None when not given."""
+    if value is None:
+        return None
+    parsed = discovery.parse_host_port(value.strip())
+    if parsed is None:
+        raise UsageError("--advertise-address: %r is not HOST:PORT (a host name or IP"
+                         " address, IPv6 in brackets, and a port 1-65535)" % value)
+    return discovery.format_address(*parsed)
 
 
 def _stap(value: str) -> List[str]:

@@ -1,31 +1,58 @@
 """The exporter's own metrics, served at ``/metrics`` through prometheus_client.
 
 A registry of our own (not the library's global default).  Per-script state
-(up, starts, exits, restarts, output size) is read from the sessions when
-``/metrics`` is scraped, so keeping it costs the hot path nothing; only the
-scrape duration histogram and the error counter are updated per request.
+(up, starts, exits, restarts, output size) and cost (CPU time and memory of
+the script's process group, read from ``/proc`` by ``proccost``) are read
+when ``/metrics`` is scraped, so keeping them costs the hot path nothing;
+only the scrape duration histogram, the error counter and the start-up
+histogram are updated per request.
 """
+
+from typing import Dict, Optional, Tuple
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, Info,
                                ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import __version__
+from . import __version__, proccost
 from .states import RUNNING
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Scrapes are fast (sub-millisecond) unless a script is slow to produce output.
 DURATION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+# Start-up takes ~0.1 s for a kept module and from one second to a minute or
+# more for a kernel-module compile.
+START_BUCKETS = (.05, .1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+def start_seconds(session) -> Optional[float]:
+    """Spawn to first output of SESSION's last start that produced output;
+    None until one has.  (``first_output_at`` is set by the session when it
+    turns running; a start still compiling keeps the previous figure hidden.)"""
+    first = getattr(session, "first_output_at", None)
+    started = session.started_at
+    if first is None or started is None or first < started:
+        return None
+    return first - started
 
 
 class SessionCollector:
     """Per-script lifecycle metrics, read from the manager's sessions."""
 
-    def __init__(self, manager):
+    def __init__(self, manager, proc: str = proccost.DEFAULT_PROC):
         self.manager = manager
+        self.proc = proc
+        # script -> (pid, highest CPU seen): a counter must not go down while
+        # the same run goes on (a member reaped outside the group takes its
+        # time with it); a new run (new pid) starts from its own figure.
+        self._cpu_seen: Dict[str, Tuple[int, float]] = {}
 
     def collect(self):
+        sessions = self.manager.all()
+        return self._lifecycle(sessions) + self._costs(sessions)
+
+    def _lifecycle(self, sessions):
         up = GaugeMetricFamily("stap_exporter_script_up",
                                "1 when the script is running and its output has been read.",
                                labels=["script"])
@@ -43,7 +70,7 @@ class SessionCollector:
         size = GaugeMetricFamily("stap_exporter_script_output_bytes",
                                  "Size of the script's last output read, in bytes.",
                                  labels=["script"])
-        for s in self.manager.all():
+        for s in sessions:
             name = s.name
             up.add_metric([name], 1 if s.state == RUNNING else 0)
             starts.add_metric([name], s.starts)
@@ -52,6 +79,36 @@ class SessionCollector:
                 exits.add_metric([name, outcome], s.exits.get(outcome, 0))
             size.add_metric([name], s.last_output_bytes)
         return [up, starts, restarts, exits, size]
+
+    def _costs(self, sessions):
+        cpu = CounterMetricFamily("stap_exporter_script_cpu_seconds",
+                                  "User and system CPU time of the script's running process"
+                                  " group (stap, its loader, a wrapper's children, and what"
+                                  " they reaped); starts again from 0 with each run.",
+                                  labels=["script"])
+        memory = GaugeMetricFamily("stap_exporter_script_resident_memory_bytes",
+                                   "Sum of the resident set sizes of the script's running"
+                                   " process group, in bytes.", labels=["script"])
+        start = GaugeMetricFamily("stap_exporter_script_start_seconds",
+                                  "Seconds from spawn to first output (compile plus load) of"
+                                  " the script's last start that produced output.",
+                                  labels=["script"])
+        live = {s.pid: s for s in sessions if s.pid}
+        costs = proccost.measure(live, self.proc)
+        seen = {}
+        for pid, cost in costs.items():
+            name = live[pid].name
+            last_pid, highest = self._cpu_seen.get(name, (None, 0.0))
+            value = max(cost.cpu_seconds, highest) if last_pid == pid else cost.cpu_seconds
+            seen[name] = (pid, value)
+            cpu.add_metric([name], value)
+            memory.add_metric([name], cost.resident_bytes)
+        self._cpu_seen = seen
+        for s in sessions:
+            seconds = start_seconds(s)
+            if seconds is not None:
+                start.add_metric([s.name], seconds)
+        return [cpu, memory, start]
 
 
 class SelfMetrics:
@@ -71,7 +128,13 @@ class SelfMetrics:
             "stap_exporter_scrape_errors",
             "Requests for a script that got no metrics, by reason: not_ready, failed,"
             " unavailable, invalid.", ["script", "reason"], registry=self.registry)
+        self.start_duration = Histogram(
+            "stap_exporter_script_start_duration_seconds",
+            "Seconds from spawn to first output, one observation per start that produced"
+            " output.", ["script"], buckets=START_BUCKETS, registry=self.registry)
         self._duration_children = {}
+        self._starts_noted: Dict[str, float] = {}  # script -> started_at observed
+        self.manager = manager
 
     def observe(self, script: str, seconds: float, error_reason=None) -> None:
         child = self._duration_children.get(script)
@@ -81,5 +144,16 @@ class SelfMetrics:
         if error_reason is not None:
             self.scrape_errors.labels(script, error_reason).inc()
 
+    def note_start(self, session) -> None:
+        """Observe SESSION's start-up time once per start, as soon as it has
+        produced output (called after each request for it and at render)."""
+        seconds = start_seconds(session)
+        if seconds is None or self._starts_noted.get(session.name) == session.started_at:
+            return
+        self._starts_noted[session.name] = session.started_at
+        self.start_duration.labels(session.name).observe(seconds)
+
     def render(self) -> bytes:
+        for session in self.manager.all():
+            self.note_start(session)
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, cli, webconfig
+from . import __version__, cli, discovery, webconfig
 from .app import App
 from .catalog import Catalog
 from .compiled import ModuleCache
@@ -70,6 +70,16 @@ def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
     raise StartupError(last)
 
 
+class _LocalAddressHandler(Server.handler_class):
+    """Tells the app the connection's local address (``/targets`` advertises
+    it when a request has no usable Host header); looked up only if used."""
+
+    def get_environ(self):
+        env = super().get_environ()
+        env[discovery.SOCKNAME_KEY] = self.socket.getsockname
+        return env
+
+
 class Exporter:
     """The running daemon: listener, manager, server and signal handling."""
 
@@ -91,7 +101,8 @@ class Exporter:
                 raise StartupError(str(exc)) from None
         auth = webconfig.BasicAuth(self.web.users) if self.web and self.web.auth_required else None
         self.app = App(self.manager, default_timeout=config.scrape_timeout,
-                       metrics=self.metrics, validate=config.validate, auth=auth)
+                       metrics=self.metrics, validate=config.validate, auth=auth,
+                       advertise=config.advertise_address)
         self.server: Optional[Server] = None
         self._stopping = gevent.event.Event()
 
@@ -107,6 +118,7 @@ class Exporter:
         self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
                              spawn="default", header_timeout=self.config.header_timeout,
                              max_connections=self.config.max_connections,
+                             handler_class=_LocalAddressHandler,
                              **webconfig.wrap_socket_args(self.web))
         self.server.start()
         self.manager.start()

@@ -290,6 +290,7 @@ class Session:
                 else:
                     if self.state == STARTING:
                         self._transition(RUNNING)
+                        self.first_output_at = self.clock()  # start-up time metric
                     self._produced = True
                     return Outcome(Outcome.OK, body=data)
             if self.state not in SERVING_STATES:

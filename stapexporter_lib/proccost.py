@@ -1,0 +1,111 @@
+"""What a script's processes cost the host, read from ``/proc``.
+
+A script runs in its own process group (the session spawns it with
+``start_new_session``), so its cost is the sum over every process whose
+process group id is the script's pid: stap, its loader (stapbpf, staprun),
+a wrapper's children.  ``group_costs`` reads ``PROC/PID/stat`` of every
+process once per call and sums the figures per group.
+
+The proc root is a parameter (as in prometheus_client's ``ProcessCollector``)
+so tests can point it at a fixture tree.  ``group_costs`` does plain blocking
+file reads; ``measure`` runs it in the gevent hub's thread pool, for callers
+in greenlets.  It knows nothing about sessions, HTTP or metrics.
+"""
+
+import os
+from typing import Dict, Iterable, NamedTuple, Optional
+
+import gevent
+
+DEFAULT_PROC = "/proc"
+
+# Fields of /proc/PID/stat counted from the one after the command name
+# (field 3, the state, is index 0): see proc(5).
+_PGRP = 5 - 3
+_UTIME = 14 - 3
+_STIME = 15 - 3
+_CUTIME = 16 - 3
+_CSTIME = 17 - 3
+_RSS = 24 - 3
+
+# A stat line is short (about 300 bytes); this is ample.
+_STAT_MAX = 4096
+
+
+def _sysconf(name: str, fallback: int) -> int:
+    try:
+        value = os.sysconf(name)
+    except (ValueError, OSError, AttributeError):
+        return fallback
+    return value if value > 0 else fallback
+
+
+CLOCK_TICKS = _sysconf("SC_CLK_TCK", 100)
+PAGE_SIZE = _sysconf("SC_PAGESIZE", 4096)
+
+
+class Cost(NamedTuple):
+    """One process group's cost."""
+
+    cpu_seconds: float     # user+system, including children its members reaped
+    resident_bytes: int    # sum of the members' resident set sizes
+    processes: int         # how many processes were counted
+
+
+def parse_stat(text: str) -> Optional[tuple]:
+    """(pgrp, cpu seconds, resident bytes) from one ``/proc/PID/stat`` line,
+    or None if it cannot be parsed.  The command name may hold spaces and
+    parentheses: the fields are counted from its last ``)``."""
+    _, paren, rest = text.rpartition(")")
+    if not paren:
+        return None
+    fields = rest.split()
+    try:
+        ticks = (int(fields[_UTIME]) + int(fields[_STIME])
+                 + int(fields[_CUTIME]) + int(fields[_CSTIME]))
+        return int(fields[_PGRP]), ticks / CLOCK_TICKS, int(fields[_RSS]) * PAGE_SIZE
+    except (IndexError, ValueError):
+        return None
+
+
+def _read_stat(proc: str, pid: str) -> Optional[str]:
+    try:
+        with open(os.path.join(proc, pid, "stat"), "rb") as f:
+            return f.read(_STAT_MAX).decode("ascii", "replace")
+    except OSError:  # gone since the listing, or not readable
+        return None
+
+
+def group_costs(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cost]:
+    """The cost of each process group in PGIDS, from one pass over PROC.
+    A group with no live process is absent from the result.  Never raises
+    for processes that vanish or stat lines that do not parse."""
+    wanted = set(pgids)
+    totals: Dict[int, list] = {}
+    if not wanted:
+        return {}
+    try:
+        entries = os.listdir(proc)
+    except OSError:
+        return {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        text = _read_stat(proc, entry)
+        parsed = parse_stat(text) if text is not None else None
+        if parsed is None or parsed[0] not in wanted:
+            continue
+        total = totals.setdefault(parsed[0], [0.0, 0, 0])
+        total[0] += parsed[1]
+        total[1] += parsed[2]
+        total[2] += 1
+    return {pgid: Cost(cpu, rss, n) for pgid, (cpu, rss, n) in totals.items()}
+
+
+def measure(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cost]:
+    """``group_costs`` run in the gevent hub's thread pool, so that a greenlet
+    answering a request never blocks the hub on hundreds of file reads."""
+    pgids = list(pgids)
+    if not pgids:
+        return {}
+    return gevent.get_hub().threadpool.apply(group_costs, (pgids, proc))
