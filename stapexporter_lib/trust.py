@@ -217,7 +217,7 @@ def _script_refusal(path: str) -> Optional[str]:
         # A link in a trusted directory was put there by a trusted user; what
         # it points to must be trusted just the same.
         target = os.path.realpath(path)
-        refusal = _script_refusal(target)
+        refusal = script_refusal(target)
         return refusal and "%s links to %s" % (path, refusal)
     if not stat.S_ISREG(st.st_mode):
         return "%s is %s, not a regular file" % (path, type_name(st.st_mode))
