@@ -274,7 +274,9 @@ def _remove(path: str) -> int:
     """trust.remove_tree in the thread pool; 1 if PATH was removed."""
     shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     try:
-        gevent.get_hub().threadpool.apply(trust.remove_tree, (path,))
+        error = gevent.get_hub().threadpool.apply(trust.try_remove_tree, (path,))
+        if error is not None:
+            raise error
     except FileNotFoundError:
         return 0
     except trust.Untrusted as exc:

@@ -763,7 +763,9 @@ def _rmtree(path: str) -> bool:
     foreign removed, any depth); True if PATH was removed.  Errors are logged,
     never raised: clean-up must not end a watchdog."""
     try:
-        gevent.get_hub().threadpool.apply(trust.remove_tree, (path,))
+        error = gevent.get_hub().threadpool.apply(trust.try_remove_tree, (path,))
+        if error is not None:
+            raise error
         return True
     except FileNotFoundError:
         pass
