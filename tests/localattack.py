@@ -18,6 +18,8 @@ import subprocess
 import tempfile
 import uuid
 
+import pytest
+
 _counter = itertools.count()
 
 
@@ -107,3 +109,19 @@ class OpenWatch:
 
     def close(self):
         os.close(self.fd)
+
+
+@pytest.fixture
+def attacker():
+    """A real unprivileged account, removed afterwards."""
+    a = Attacker()
+    yield a
+    a.remove()
+
+
+@pytest.fixture
+def shared():
+    """A sticky world-writable directory of the test's own in /tmp."""
+    d = shared_dir()
+    yield d
+    remove_shared(d)

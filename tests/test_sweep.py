@@ -22,24 +22,25 @@ import pytest
 
 from conftest import (FAKESTAP, Exporter, processes_matching, stop_and_check, wait_for,
                       write_script)
-from localattack import Attacker, OpenWatch, Secret, remove_shared, shared_dir
+from localattack import OpenWatch, Secret, attacker, shared  # noqa: F401 (fixtures)
 
 DEAD = os.getpid()  # the "dead exporter" (see the module docstring)
 DEPTH = 1500        # deeper than Python's recursion limit
 
 
 @pytest.fixture
-def attacker():
-    a = Attacker()
-    yield a
-    a.remove()
+def dirs(dirs):
+    """conftest's dirs, emptied with rm -rf afterwards: pytest's own clean-up
+    of old temporary directories recurses and fails on deep trees that a
+    failed test may leave."""
+    yield dirs
+    for d in dirs:
+        subprocess.run(["rm", "-rf", str(d)])
 
 
 @pytest.fixture
-def tmpdir_shared():
-    d = shared_dir()
-    yield d
-    remove_shared(d)
+def tmpdir_shared(shared):
+    return shared
 
 
 class NsExporter(Exporter):

@@ -17,21 +17,7 @@ import sys
 import pytest
 
 from conftest import EXPORTER, FAKESTAP, Exporter, stop_and_check, wait_for, write_script
-from localattack import Attacker, OpenWatch, Secret, remove_shared, shared_dir
-
-
-@pytest.fixture
-def attacker():
-    a = Attacker()
-    yield a
-    a.remove()
-
-
-@pytest.fixture
-def shared():
-    d = shared_dir()
-    yield d
-    remove_shared(d)
+from localattack import OpenWatch, Secret, attacker, shared  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
