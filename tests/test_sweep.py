@@ -250,17 +250,10 @@ def test_sweep_never_signals_a_reused_pid(dirs, tmpdir_shared):
         exp.stop()
 
 
-def test_cleanup_refuses_devices_and_survives_deep_trees(dirs, attacker, tmpdir_shared,
-                                                         tmp_path):
-    """A link to a device is refused before anything opens it, and module
-    directories and working directories nested deeper than Python's
-    recursion limit are removed without ending a watchdog."""
+def test_cleanup_survives_deep_trees(dirs):
+    """Module directories and working directories nested deeper than
+    Python's recursion limit are removed without ending a watchdog."""
     scripts, procfs = dirs
-    secret = Secret(tmp_path)
-    devdir = os.path.join(tmpdir_shared, "dev")
-    os.mkdir(devdir, 0o755)
-    device = os.path.join(devdir, "watchdog")
-    os.mknod(device, 0o600 | 0o020000, os.makedev(1, 3))
     write_script(scripts, "deep.stp")
     write_script(scripts, "stale.stp")
     wrapper = scripts / "nests.stp"
@@ -291,6 +284,16 @@ def test_cleanup_refuses_devices_and_survives_deep_trees(dirs, attacker, tmpdir_
     finally:
         stop_and_check(exp)
 
+
+def test_link_to_a_device_is_never_opened(dirs, attacker, tmpdir_shared, tmp_path):
+    """A __prometheus link to a device (a watchdog, say) is refused before
+    anything opens it, by the read and by the clean-up."""
+    scripts, _ = dirs
+    secret = Secret(tmp_path)
+    devdir = os.path.join(tmpdir_shared, "dev")
+    os.mkdir(devdir, 0o755)
+    device = os.path.join(devdir, "watchdog")
+    os.mknod(device, 0o600 | 0o020000, os.makedev(1, 3))
     entry = os.path.join(tmpdir_shared, "systemtap-root")
     attacker.run("mkdir", entry)
     write_script(scripts, "victim.stp", "never_write")
