@@ -39,7 +39,8 @@ MIN_SCRAPE_TIMEOUT = 0.1
 Response = Tuple[str, List[Tuple[str, str]], bytes]
 
 _STATUS = {
-    200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 404: "404 Not Found",
+    200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized", 403: "403 Forbidden",
+    404: "404 Not Found",
     405: "405 Method Not Allowed", 502: "502 Bad Gateway",
     503: "503 Service Unavailable",
 }
@@ -163,6 +164,10 @@ class App:
             return text_response(503, "%s  %s" % (NOT_READY_PREFIX, message), extra)
         if outcome.kind == Outcome.FAILED:
             return text_response(502, message + "\nThe next request starts it again.")
+        if outcome.kind == Outcome.UNTRUSTED:
+            return text_response(502, "Untrusted script output: %s" % message)
+        if outcome.kind == Outcome.FORBIDDEN:
+            return text_response(403, "Untrusted script: %s" % message)
         if outcome.kind == Outcome.BUSY:
             return text_response(503, "Too busy to start the script: %s" % message, extra)
         return text_response(503, "Script output unavailable: %s" % message, extra)

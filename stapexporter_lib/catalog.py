@@ -24,7 +24,7 @@ MODULE_PREFIX = "stapexp_"
 MODULE_MAX = 55
 
 # Module names of ours: prefix, owning exporter's pid, script slug.
-MODULE_RE = re.compile(r"^" + MODULE_PREFIX + r"(\d+)_[a-z0-9_]+$")
+MODULE_RE = re.compile(r"^" + MODULE_PREFIX + r"([0-9]+)_[a-z0-9_]+$")
 
 
 class Script:

@@ -1,11 +1,16 @@
-"""``stap-exporter --check``: elaborate every script with systemtap (-p2)."""
+"""``stap-exporter --check``: elaborate every script with systemtap (-p2).
+
+The same trust rules as the server apply (trust.py): an executable script is
+run directly here too, so an untrusted file is reported, never run."""
 
 import os
 import subprocess
 import sys
 from typing import List, Tuple
 
+from . import trust
 from .catalog import Catalog
+from .cli import scripts_dir_refusal
 
 CHECK_TIMEOUT = 120.0
 ERROR_LINES = 3
@@ -42,6 +47,10 @@ def check_one(script, stap: List[str]) -> Tuple[bool, str]:
 
 def run_check(config, out=None) -> int:
     out = out or sys.stdout
+    refusal = scripts_dir_refusal(config)
+    if refusal:
+        print("stap-exporter: error: %s" % refusal, file=sys.stderr)
+        return 1
     catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
     catalog.rescan()
     if catalog.last_error:
@@ -54,7 +63,11 @@ def run_check(config, out=None) -> int:
         return 1
     failed = 0
     for script in scripts:
-        ok, text = check_one(script, config.stap)
+        refusal = None if config.insecure_scripts else trust.script_refusal(script.path)
+        if refusal:
+            ok, text = False, "refused to run: %s" % refusal
+        else:
+            ok, text = check_one(script, config.stap)
         failed += not ok
         print("%s: %s" % (script.name, text if ok else "FAILED: " + text), file=out, flush=True)
     print("%d scripts checked, %d failed" % (len(scripts), failed), file=out)

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from docopt import DocoptExit, docopt
 
-from . import __version__, discovery, procfs
+from . import __version__, discovery, procfs, trust
 
 PROG = "stap-exporter"
 
@@ -60,6 +60,11 @@ Options:
                             MODULE/__prometheus [default: {procfs}].
   --follow-symlinks         Also serve symbolic links that point outside the
                             scripts directory (by default they are ignored).
+  --insecure-scripts        Run scripts even if the scripts directory or a
+                            script file is not owned by root (or the
+                            exporter's user) or is writable by group or
+                            others.  Risky: whoever can write them runs code
+                            as root.
   --max-scripts N           At most N scripts running at once; requests that
                             would start more get 503 [default: 256].
   --max-starting N          At most N scripts starting (compiling) at once;
@@ -108,7 +113,8 @@ class Config:
                  follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
                  max_connections: int = 512, header_timeout: float = 30.0,
                  web_config: Optional[str] = None, recompile: bool = False,
-                 scrape_timeout: float = 5.0, advertise_address: Optional[str] = None):
+                 scrape_timeout: float = 5.0, advertise_address: Optional[str] = None,
+                 insecure_scripts: bool = False):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -129,6 +135,7 @@ class Config:
         self.recompile = recompile
         self.scrape_timeout = scrape_timeout
         self.advertise_address = advertise_address
+        self.insecure_scripts = insecure_scripts
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -172,7 +179,8 @@ def parse(argv: List[str]) -> Config:
                   header_timeout=header_timeout,
                   web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
                   recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout,
-                  advertise_address=advertise)
+                  advertise_address=advertise,
+                  insecure_scripts=bool(args["--insecure-scripts"]))
 
 
 def _port(value: str) -> int:
@@ -208,6 +216,21 @@ def _scripts_dir(value: str) -> str:
     if not os.access(path, os.R_OK | os.X_OK):
         raise UsageError("--scripts: directory %s is not readable" % path)
     return path
+
+
+def scripts_dir_refusal(config: Config) -> Optional[str]:
+    """The start-up error (one line) when the scripts directory is not
+    trusted and --insecure-scripts was not given, else None.  Checked at
+    start-up rather than parse time: it is a refusal (exit status 1), not a
+    bad command line."""
+    if config.insecure_scripts:
+        return None
+    refusal = trust.dir_refusal(config.scripts_dir)
+    if refusal:
+        return ("--scripts: refusing to run scripts from %s: %s (make it owned by root"
+                " and not writable by group or others, or see --insecure-scripts)"
+                % (config.scripts_dir, refusal))
+    return None
 
 
 def _count(option: str, value: str) -> int:

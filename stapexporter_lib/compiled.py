@@ -20,10 +20,13 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import gevent
+
+from . import trust
 
 log = logging.getLogger("stap-exporter")
 
@@ -62,6 +65,9 @@ class ModuleCache:
         for suffix in LOADERS:
             source = os.path.join(workdir, module + suffix)
             try:
+                # Only a regular file (the script could leave anything there).
+                if not stat.S_ISREG(os.lstat(source).st_mode):
+                    continue
                 target = os.path.join(self._directory(), module + suffix)
                 _in_pool(shutil.move, source, target)
             except FileNotFoundError:
@@ -85,7 +91,10 @@ class ModuleCache:
     def clear(self) -> None:
         self._entries.clear()
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            try:
+                trust.remove_tree(self._dir)
+            except (OSError, trust.Untrusted) as exc:
+                log.warning("cache: cannot remove %s: %s", self._dir, exc)
             self._dir = None
 
     def _directory(self) -> str:

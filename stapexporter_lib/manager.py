@@ -6,6 +6,7 @@ from typing import Callable, Dict, List, Optional
 
 import gevent
 
+from . import trust
 from .catalog import Catalog
 from .session import Session, SessionConfig
 from .states import STARTING
@@ -30,8 +31,24 @@ class Manager:
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
+        self.warn_untrusted_procfs_dirs()
+        if self.config.insecure_scripts:
+            log.warning("insecure: --insecure-scripts: scripts in %s run as this user even if"
+                        " others can write them", self.catalog.directory)
         self.catalog.rescan()
         self._start_autostarts()
+
+    def warn_untrusted_procfs_dirs(self) -> None:
+        """Say at start-up which --procfs-dirs entries are not trusted: every
+        output found in them will be refused (an unprivileged user may have
+        created /var/tmp/systemtap-root before systemtap did)."""
+        for directory in self.config.procfs_dirs:
+            refusal = trust.dir_refusal(directory)
+            if refusal:
+                log.warning("untrusted: procfs-dir=%s %s; script output found there will be"
+                            " refused: remove the directory (systemtap recreates it) or make"
+                            " it owned by root and not writable by group or others",
+                            directory, refusal)
 
     def get(self, name: str) -> Optional[Session]:
         """The session serving NAME, or None if there is no such script.
@@ -75,7 +92,11 @@ class Manager:
         for name in self.catalog.names():
             if name not in self.sessions:
                 self.get(name)
-        return [self.sessions[n] for n in sorted(self.sessions)]
+        sessions = [self.sessions[n] for n in sorted(self.sessions)]
+        for session in sessions:
+            if not session.live:
+                session.script_refusal()  # marks an untrusted file on the index page
+        return sessions
 
     def rescan(self) -> None:
         """Re-read the directory (SIGHUP): start new autostart scripts, stop

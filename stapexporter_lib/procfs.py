@@ -8,6 +8,11 @@ Two shapes exist in the wild:
   ``stapbpf`` opens it for writing, writes the current text, closes it, and
   reopens it for the next reader.
 
+Both are opened through trust.open_output: every directory from the
+``--procfs-dirs`` entry down must be trusted, no link is followed, and only a
+regular file or FIFO owned by root (or our user) is read; anything else is
+refused with UntrustedOutput naming the path and the reason.
+
 Neither may block the gevent hub.  A plain ``open()`` of a FIFO without a
 writer blocks forever, so FIFOs are opened with ``O_NONBLOCK`` and waited on
 with the hub's I/O watcher under a deadline.  Regular files are read in the
@@ -18,15 +23,16 @@ This module knows nothing about sessions; directories are parameters so tests
 can point them at a fixture tree.
 """
 
-import errno
 import os
 import pwd
 import stat
 import time
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import gevent
 from gevent.socket import wait_read
+
+from . import trust
 
 OUTPUT_NAME = "__prometheus"
 
@@ -58,51 +64,88 @@ def default_dirs() -> List[str]:
     return ["/proc/systemtap", "/var/tmp/systemtap-" + user]
 
 
-def find_output(module: str, dirs: Iterable[str]) -> Optional[str]:
-    """Return the path of MODULE's output file in the first of DIRS that has
-    it, or None when no runtime has created it (yet)."""
+class UntrustedOutput(OutputError):
+    """The output, or a directory on its way, is not trusted: see trust.py.
+    The message names the path and the reason."""
+
+
+class Location:
+    """Where a module's output was found: ``ROOT/MODULE/__prometheus``."""
+
+    __slots__ = ("root", "module", "path")
+
+    def __init__(self, root: str, module: str):
+        self.root = root
+        self.module = module
+        self.path = os.path.join(root, module, OUTPUT_NAME)
+
+    def __str__(self):
+        return self.path
+
+
+def find_output(module: str, dirs: Iterable[str]) -> Optional[Location]:
+    """Where MODULE's output is, in the first of DIRS that has it, or None
+    when no runtime has created it (yet).  Nothing is followed or trusted
+    here: read_output checks the whole way before it reads."""
     for directory in dirs:
-        path = os.path.join(directory, module, OUTPUT_NAME)
+        location = Location(directory, module)
         try:
-            os.stat(path)
+            os.lstat(location.path)
         except OSError:
             continue
-        return path
+        return location
     return None
 
 
 def module_dirs(module: str, dirs: Iterable[str]) -> List[str]:
-    """Every existing ``DIR/MODULE`` directory (for clean-up after a stop)."""
-    return [os.path.join(d, module) for d in dirs
-            if os.path.isdir(os.path.join(d, module))]
+    """Every existing ``DIR/MODULE`` entry, link or not (for clean-up after
+    a stop; trust.remove_tree refuses what is not ours)."""
+    found = []
+    for d in dirs:
+        path = os.path.join(d, module)
+        try:
+            os.lstat(path)
+        except OSError:
+            continue
+        found.append(path)
+    return found
 
 
-def read_output(path: str, timeout: float,
+def _open(location: Location) -> Tuple[int, os.stat_result]:
+    """The trusted, non-blocking open of LOCATION (trust.open_output), with
+    its refusals as UntrustedOutput."""
+    try:
+        return trust.open_output(location.root, location.module, OUTPUT_NAME)
+    except trust.Untrusted as exc:
+        raise UntrustedOutput("refused to read %s: %s" % (location.path, exc)) from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise OutputError("cannot open output %s: %s" % (location.path, exc.strerror)) from None
+
+
+def read_output(location: Location, timeout: float,
                 max_bytes: int = DEFAULT_MAX_BYTES,
                 clock: Callable[[], float] = time.monotonic) -> bytes:
-    """Read the whole output at PATH within TIMEOUT seconds.
+    """Read the whole output at LOCATION within TIMEOUT seconds.
 
     Returns the bytes exactly as the runtime produced them (possibly empty for
-    a regular file).  Raises FileNotFoundError when PATH is gone,
+    a regular file).  Raises FileNotFoundError when it is gone,
+    UntrustedOutput when it (or a directory on its way) is not trusted,
     OutputTimeout when the deadline passes, OutputTooLarge beyond MAX_BYTES,
     and OutputError for other I/O errors.
     """
     deadline = clock() + timeout
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise OutputError("cannot stat output: %s" % exc.strerror) from None
-    if stat.S_ISFIFO(mode):
-        return _read_fifo(path, deadline, max_bytes, clock)
-    return _read_file_in_thread(path, deadline, max_bytes, clock)
+    fd, st = _open(location)
+    if stat.S_ISFIFO(st.st_mode):
+        return _read_fifo(location, fd, deadline, max_bytes, clock)
+    return _read_file_in_thread(location.path, fd, deadline, max_bytes, clock)
 
 
-def _read_file(path: str, max_bytes: int) -> bytes:
+def _read_file(fd: int, max_bytes: int) -> bytes:
     chunks = []
     total = 0
-    with open(path, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0, closefd=True) as f:
         while True:
             # procfs files may return short reads: keep going to end-of-file.
             data = f.read(min(4 * _READ_CHUNK, max_bytes + 1 - total))
@@ -114,20 +157,18 @@ def _read_file(path: str, max_bytes: int) -> bytes:
                 raise OutputTooLarge("output larger than %d bytes" % max_bytes)
 
 
-def _read_file_in_thread(path, deadline, max_bytes, clock) -> bytes:
+def _read_file_in_thread(path, fd, deadline, max_bytes, clock) -> bytes:
     pool = gevent.get_hub().threadpool
-    job = pool.spawn(_read_file, path, max_bytes)
+    job = pool.spawn(_read_file, fd, max_bytes)
     remaining = deadline - clock()
     try:
         return job.get(timeout=max(remaining, 0.0))
     except gevent.Timeout:
         raise OutputTimeout("reading output took longer than the deadline") from None
-    except (FileNotFoundError, OutputError):
+    except OutputError:
         raise
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise FileNotFoundError(exc.errno, exc.strerror, path) from None
-        raise OutputError("cannot read output: %s" % exc.strerror) from None
+        raise OutputError("cannot read output %s: %s" % (path, exc.strerror)) from None
 
 
 # Pause between attempts when a FIFO reader saw end-of-file with no data
@@ -136,10 +177,12 @@ _EMPTY_RETRY_PAUSE = 0.005
 _EMPTY_RETRY_PAUSE_MAX = 0.1
 
 
-def _read_fifo(path, deadline, max_bytes, clock) -> bytes:
+def _read_fifo(location, fd, deadline, max_bytes, clock) -> bytes:
+    """Read cycles of the FIFO (FD: the first open of it) until one gives
+    data; each retry opens it afresh, checked again."""
     pause = _EMPTY_RETRY_PAUSE
     while True:
-        data = _read_fifo_once(path, deadline, max_bytes, clock)
+        data = _read_fifo_once(fd, deadline, max_bytes, clock)
         if data:
             return first_cycle(data)
         remaining = deadline - clock()
@@ -147,15 +190,14 @@ def _read_fifo(path, deadline, max_bytes, clock) -> bytes:
             raise OutputTimeout("the script wrote no output before the deadline")
         gevent.sleep(min(pause, remaining))
         pause = min(pause * 2, _EMPTY_RETRY_PAUSE_MAX)
+        fd, st = _open(location)
+        if not stat.S_ISFIFO(st.st_mode):
+            os.close(fd)
+            raise OutputError("output %s changed from a FIFO to a file" % location.path)
 
 
-def _read_fifo_once(path, deadline, max_bytes, clock) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise OutputError("cannot open output FIFO: %s" % exc.strerror) from None
+def _read_fifo_once(fd, deadline, max_bytes, clock) -> bytes:
+    """One write cycle from FD (closed on return)."""
     chunks = []
     total = 0
     try:

@@ -127,7 +127,8 @@ class SelfMetrics:
         self.scrape_errors = Counter(
             "stap_exporter_scrape_errors",
             "Requests for a script that got no metrics, by reason: not_ready, failed,"
-            " unavailable, invalid.", ["script", "reason"], registry=self.registry)
+            " unavailable, invalid, busy, untrusted_output, untrusted_script.",
+            ["script", "reason"], registry=self.registry)
         self.start_duration = Histogram(
             "stap_exporter_script_start_duration_seconds",
             "Seconds from spawn to first output, one observation per start that produced"

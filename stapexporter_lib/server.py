@@ -85,11 +85,15 @@ class Exporter:
 
     def __init__(self, config: cli.Config):
         self.config = config
+        refusal = cli.scripts_dir_refusal(config)
+        if refusal:
+            raise StartupError(refusal)
         self.catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
         self.module_cache = None if config.recompile else ModuleCache()
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
-            stop_grace=config.stop_timeout, module_cache=self.module_cache),
+            stop_grace=config.stop_timeout, module_cache=self.module_cache,
+            insecure_scripts=config.insecure_scripts),
             max_running=config.max_scripts,
             max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)

@@ -21,7 +21,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -32,7 +31,7 @@ import gevent.event
 import gevent.os
 from gevent import subprocess
 
-from . import compiled, procfs
+from . import compiled, procfs, trust
 from .catalog import Script
 from .declarations import Annotator, parse_declarations
 from .states import (BACKOFF, FAILED, RUNNING, SERVING_STATES, STARTABLE_STATES, STARTING,
@@ -43,6 +42,9 @@ log = logging.getLogger("stap-exporter")
 STDERR_TAIL = 20
 MAX_LINE = 4096
 _PIPE_CHUNK = 65536
+_SCRIPT_REFUSAL = "refused to run "
+# Distinct trust refusals remembered per session (each is logged once).
+_MAX_REFUSALS_REMEMBERED = 64
 # How long a read that ended without a final newline waits to see whether
 # the script died while writing.
 _EXIT_NOTICE = 0.05
@@ -100,6 +102,9 @@ class Outcome:
     FAILED = "failed"        # the script exited with an error: MESSAGE says why
     UNAVAILABLE = "unavailable"  # running, but its output could not be read
     BUSY = "busy"            # not started: a cap on running or starting scripts
+    # Refusals (trust.py): MESSAGE names the path and the reason.
+    UNTRUSTED = "untrusted_output"  # the output path is not trusted: nothing read
+    FORBIDDEN = "untrusted_script"  # the script file is not trusted: not started
 
     __slots__ = ("kind", "body", "message", "retry_after")
 
@@ -120,7 +125,8 @@ class SessionConfig:
     def __init__(self, stap: List[str], procfs_dirs: List[str],
                  keepalive: Optional[float] = None, start_wait: float = 1.0,
                  stop_grace: float = 5.0, workdir_root: Optional[str] = None,
-                 max_output: int = procfs.DEFAULT_MAX_BYTES, module_cache=None):
+                 max_output: int = procfs.DEFAULT_MAX_BYTES, module_cache=None,
+                 insecure_scripts: bool = False):
         self.stap = stap
         self.procfs_dirs = procfs_dirs
         self.keepalive = keepalive
@@ -129,6 +135,7 @@ class SessionConfig:
         self.workdir_root = workdir_root or tempfile.gettempdir()
         self.max_output = max_output
         self.module_cache = module_cache  # compiled.ModuleCache, or None
+        self.insecure_scripts = insecure_scripts  # skip the script trust checks
 
 
 def describe_exit(returncode: Optional[int]) -> str:
@@ -189,6 +196,7 @@ class Session:
         self._from_cache = False               # this run uses a kept compiled module
         self._produced = False                 # this run's output has been read
         self._annotator: Optional[Annotator] = None
+        self._refusals_logged = set()          # trust refusals logged (once per cause)
 
     # -- public -----------------------------------------------------------
 
@@ -240,6 +248,12 @@ class Session:
         if it is readable within the deadline (a starting script gets at most
         ``start_wait`` seconds)."""
         self.touch()
+        if self.state in STARTABLE_STATES:
+            refusal = self.script_refusal()
+            if refusal:
+                if self.state == FAILED:
+                    self._transition(STOPPED)
+                return self._refuse(Outcome.FORBIDDEN, refusal)
         if self.state == FAILED:
             # Report the failure once; the next request starts afresh.
             outcome = Outcome(Outcome.FAILED, message=self.failure_report())
@@ -261,6 +275,30 @@ class Session:
                            retry_after=max(1, round(wait)))
         return self._read_live(timeout)
 
+    def script_refusal(self) -> Optional[str]:
+        """None if the script file may run as root now, else why not (it is
+        checked before every start: the file may change while we run).
+        Shown on the index page as the last error while it lasts."""
+        if self.config.insecure_scripts:
+            return None
+        refusal = trust.script_refusal(self.script.path)
+        if refusal:
+            refusal = "%s%s: %s" % (_SCRIPT_REFUSAL, self.name, refusal)
+            self.last_error = refusal
+        elif self.last_error and self.last_error.startswith(_SCRIPT_REFUSAL):
+            self.last_error = None  # fixed since
+        return refusal
+
+    def _refuse(self, kind: str, message: str) -> Outcome:
+        """A trust refusal: shown as the last error, logged once per cause."""
+        self.last_error = message
+        if message not in self._refusals_logged:
+            if len(self._refusals_logged) >= _MAX_REFUSALS_REMEMBERED:
+                self._refusals_logged.clear()
+            self._refusals_logged.add(message)
+            log.warning("refused: script=%s %s", self.name, escape_line(message))
+        return Outcome(kind, message=message, retry_after=None)
+
     def failure_report(self) -> str:
         text = "The script %s failed: %s." % (self.name, self.last_error or "unknown error")
         tail = self._tail_text()
@@ -281,6 +319,9 @@ class Session:
                     data = self.read_output(max(0.0, deadline - self.clock()))
                 except FileNotFoundError:
                     self._output_path = None
+                except procfs.UntrustedOutput as exc:
+                    self._output_path = None
+                    return self._refuse(Outcome.UNTRUSTED, str(exc))
                 except procfs.OutputTimeout as exc:
                     if self.state == STARTING:
                         return self._not_ready()
@@ -292,6 +333,9 @@ class Session:
                         self._transition(RUNNING)
                         self.first_output_at = self.clock()  # start-up time metric
                     self._produced = True
+                    if self.last_error in self._refusals_logged:
+                        self.last_error = None  # the cause is gone
+                    self._refusals_logged.clear()
                     return Outcome(Outcome.OK, body=data)
             if self.state not in SERVING_STATES:
                 # It exited (or is being stopped) while we waited.
@@ -423,6 +467,8 @@ class Session:
         self._produced = False
         self._utf8_warned = False
         self.stderr_tail.clear()
+        if self._refused_to_spawn():
+            return
         # A stale FIFO from an earlier run that died unseen would be read
         # instead of the new one (and never answer): start from a clean slate.
         for directory in self._remove_module_dirs():
@@ -436,17 +482,17 @@ class Session:
                 dir=self.config.workdir_root)
             env = dict(os.environ)
             env["TMPDIR"] = self._workdir  # stap's own temporary files go there too
+            # Checked again right before the exec: the file is run by name.
+            if self._refused_to_spawn():
+                return
             proc = self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=self._workdir, env=env,
                                close_fds=True, start_new_session=True,
                                preexec_fn=_child_setup_for(os.getpid()))
         except OSError as exc:
-            self.last_error = "cannot run %s: %s" % (argv[0], exc.strerror or exc)
-            log.error("spawn-failed: script=%s %s", self.name, self.last_error)
-            self.stderr_tail.append(self.last_error)
-            self.exits["spawn_error"] += 1
-            self._remove_workdir()
-            self._after_exit(uptime=0.0)
+            message = "cannot run %s: %s" % (argv[0], exc.strerror or exc)
+            log.error("spawn-failed: script=%s %s", self.name, message)
+            self._spawn_failed(message)
             return
         self.proc = proc
         self.pid = proc.pid
@@ -457,6 +503,21 @@ class Session:
                  self.script.module, escape_line(" ".join(argv)))
         self._stderr_reader = gevent.spawn(self._pump, proc.stderr, True)
         self._stdout_reader = gevent.spawn(self._pump, proc.stdout, False)
+
+    def _refused_to_spawn(self) -> bool:
+        """True (and the start failed) if the script file is not trusted."""
+        refusal = self.script_refusal()
+        if refusal:
+            self._refuse(Outcome.FORBIDDEN, refusal)
+            self._spawn_failed(refusal)
+        return bool(refusal)
+
+    def _spawn_failed(self, message: str) -> None:
+        self.last_error = message
+        self.stderr_tail.append(message)
+        self.exits["spawn_error"] += 1
+        self._remove_workdir()
+        self._after_exit(uptime=0.0)
 
     def _pump(self, stream, is_stderr: bool) -> None:
         """Log a child's output line by line; keep stderr's tail.  Reads the
@@ -591,7 +652,12 @@ class Session:
         self._transition(STOPPING)
         log.info("stopping: script=%s pid=%d reason=%s", self.name, proc.pid,
                  "idle for %gs" % self.config.keepalive if reason == "idle" else reason)
-        self._kill_group(signal.SIGTERM)
+        # The group leader alone: stap forwards the signal to its loader
+        # (stapbpf/staprun), and a loader signalled twice can abort its
+        # `probe end` handlers ("received interrupt during exit probe",
+        # signal 6).  What is left of the group is stopped after the leader
+        # (_kill_stragglers), or killed with it after the grace.
+        self._signal_leader(proc, signal.SIGTERM)
         proc.result.wait(self.config.stop_grace)
         if not proc.result.ready():
             log.warning("kill: script=%s pid=%d did not stop within %g s; sending SIGKILL",
@@ -615,6 +681,15 @@ class Session:
         self._remove_leftovers()
         self.proc = None
         self.pid = None
+
+    @staticmethod
+    def _signal_leader(proc, sig: int) -> None:
+        """Signal our unreaped child PROC (its pid cannot have been reused:
+        gevent's Popen does nothing once it has reaped it)."""
+        try:
+            proc.send_signal(sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _kill_group(self, sig: int) -> bool:
         """Signal the script's process group; False when it is gone."""
@@ -671,8 +746,7 @@ class Session:
         belong to the kernel); returns what was removed."""
         removed = []
         for directory in procfs.module_dirs(self.script.module, self.config.procfs_dirs):
-            if not directory.startswith("/proc/"):
-                _rmtree(directory)
+            if not directory.startswith("/proc/") and _rmtree(directory):
                 removed.append(directory)
         return removed
 
@@ -685,13 +759,21 @@ class Session:
         return "\n".join(self.stderr_tail)
 
 
-def _rmtree(path: str) -> None:
-    """shutil.rmtree in the hub's thread pool, errors logged, never raised."""
-    def remove():
-        shutil.rmtree(path, ignore_errors=False)
+def _rmtree(path: str) -> bool:
+    """trust.remove_tree in the hub's thread pool (no link followed, nothing
+    foreign removed, any depth); True if PATH was removed.  Errors are logged,
+    never raised: clean-up must not end a watchdog."""
     try:
-        gevent.get_hub().threadpool.apply(remove)
+        error = gevent.get_hub().threadpool.apply(trust.try_remove_tree, (path,))
+        if error is not None:
+            raise error
+        return True
     except FileNotFoundError:
         pass
+    except trust.Untrusted as exc:
+        log.warning("cleanup: refused to remove %s; left alone", escape_line(str(exc)))
     except OSError as exc:
-        log.warning("cleanup: cannot remove %s: %s", path, exc.strerror)
+        log.warning("cleanup: cannot remove %s: %s", escape_line(path), exc.strerror)
+    except Exception as exc:  # noqa: BLE001 -- see the docstring
+        log.warning("cleanup: cannot remove %s: %s", escape_line(path), exc)
+    return False

@@ -1,0 +1,315 @@
+"""Which paths a root daemon may trust, and how to use them without races.
+
+A path is trusted when every directory on the way to it, and the file
+itself, is owned by root or by the exporter's effective user and cannot be
+written by group or others -- the rule of sshd's StrictModes, cron and
+logrotate.  A directory above the trusted root (``--procfs-dirs`` entry,
+scripts directory) may also be a root-owned sticky directory such as
+``/tmp``: others can add entries there but cannot rename or remove ours.
+
+Checks are made on file descriptors, never on names that could change
+between check and use (systemd's ``chase()``): paths are walked component by
+component with ``openat(O_PATH | O_NOFOLLOW)``, ``fstat`` tells what was
+really opened, and a file is only opened for reading after its type and
+owner were checked on an ``O_PATH`` descriptor (a device is never opened).
+Clean-up removes trees through directory descriptors, iteratively, without
+following any link and with a bound on its work.
+
+This module owns those checks and the tree removal; it knows nothing about
+sessions, HTTP or logging.  Everything here may block briefly on file-system
+metadata calls, as ``os.stat`` does.
+"""
+
+import errno
+import os
+import pwd
+import stat
+from typing import List, Optional, Tuple
+
+# The most entries one tree removal touches before giving up: a tree that
+# keeps growing under us (a runaway script) cannot keep clean-up busy forever.
+MAX_REMOVE_OPERATIONS = 1_000_000
+
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TYPE_NAMES = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISREG, "a regular file"))
+
+
+class Untrusted(Exception):
+    """PATH may not be used; REASON says why (owner, mode, symlink, type)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__("%s %s" % (path, reason))
+        self.path = path
+        self.reason = reason
+
+
+def trusted_uids() -> Tuple[int, ...]:
+    """Owners we trust: root and the user we run as."""
+    return tuple(sorted({0, os.geteuid()}))
+
+
+def describe_owner(uid: int) -> str:
+    try:
+        return "uid %d (%s)" % (uid, pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        return "uid %d" % uid
+
+
+def type_name(mode: int) -> str:
+    for test, name in _TYPE_NAMES:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def owner_problem(st: os.stat_result) -> Optional[str]:
+    """Why ST's owner is not trusted, or None."""
+    if st.st_uid not in trusted_uids():
+        return "is owned by %s, not by root or the exporter's user" % describe_owner(st.st_uid)
+    return None
+
+
+def mode_problem(st: os.stat_result, allow_sticky: bool = False) -> Optional[str]:
+    """Why ST's mode lets others change it, or None.  ALLOW_STICKY accepts a
+    root-owned sticky directory (/tmp): others cannot rename our entries."""
+    if not st.st_mode & _WRITABLE_BY_OTHERS:
+        return None
+    if allow_sticky and st.st_mode & stat.S_ISVTX and st.st_uid == 0 \
+            and stat.S_ISDIR(st.st_mode):
+        return None
+    return "is writable by %s (mode %04o)" % (
+        "group and others" if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH
+        else "group" if st.st_mode & stat.S_IWGRP else "others",
+        stat.S_IMODE(st.st_mode))
+
+
+def check_stat(path: str, st: os.stat_result, allow_sticky: bool = False) -> None:
+    """Raise Untrusted if ST (of PATH) has an untrusted owner or mode."""
+    problem = owner_problem(st) or mode_problem(st, allow_sticky)
+    if problem:
+        raise Untrusted(path, problem)
+
+
+def _open_component(dir_fd: int, name: str, path: str, flags: int) -> int:
+    """openat(DIR_FD, NAME) without following a link; a link is Untrusted."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                mode = os.lstat(name, dir_fd=dir_fd).st_mode
+            except OSError:
+                raise exc from None
+            if stat.S_ISLNK(mode):
+                raise Untrusted(path, "is a symbolic link") from None
+            raise Untrusted(path, "is %s, not a directory" % type_name(mode)) from None
+        raise
+
+
+def open_trusted_dir(path: str) -> int:
+    """An O_PATH descriptor of the directory PATH, walked from / component by
+    component without following links (links above PATH's own name are
+    resolved first: the chain they resolve to is what gets checked).
+
+    Every ancestor must be trusted or a root-owned sticky directory, and PATH
+    itself trusted.  Raises Untrusted, or OSError (e.g. FileNotFoundError)."""
+    path = os.path.abspath(path)
+    parent = os.path.realpath(os.path.dirname(path))
+    parts = [p for p in parent.split(os.sep) if p]
+    fd = os.open("/", _PATH_FLAGS | os.O_DIRECTORY)
+    try:
+        check_stat("/", os.fstat(fd), allow_sticky=True)
+        walked = ""
+        names = parts + [os.path.basename(path)] if os.path.basename(path) else parts
+        for i, name in enumerate(names):
+            walked += os.sep + name
+            last = i == len(names) - 1
+            child = _open_component(fd, name, walked, _PATH_FLAGS | os.O_DIRECTORY)
+            os.close(fd)
+            fd = child
+            check_stat(walked, os.fstat(fd), allow_sticky=not last)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def dir_refusal(path: str) -> Optional[str]:
+    """None if the directory PATH is trusted, else the reason (naming the
+    offending path); a missing PATH is not refused."""
+    try:
+        os.close(open_trusted_dir(path))
+    except Untrusted as exc:
+        return str(exc)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return "%s cannot be checked: %s" % (path, exc.strerror)
+    return None
+
+
+def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]:
+    """Open ROOT/MODULE/NAME for reading, non-blocking, if it is trusted.
+
+    ROOT is walked as by open_trusted_dir, MODULE must be a trusted directory
+    (not a link), and NAME a regular file or FIFO owned by a trusted user; its
+    type is checked on an O_PATH descriptor before it is opened, so a device
+    is never opened.  Returns (fd, fstat of fd).  Raises Untrusted,
+    FileNotFoundError or OSError."""
+    root_fd = open_trusted_dir(root)
+    try:
+        mod_path = os.path.join(root, module)
+        mod_fd = _open_component(root_fd, module, mod_path, _PATH_FLAGS | os.O_DIRECTORY)
+    finally:
+        os.close(root_fd)
+    try:
+        check_stat(mod_path, os.fstat(mod_fd))
+        path = os.path.join(mod_path, name)
+        probe = os.open(name, _PATH_FLAGS, dir_fd=mod_fd)
+        try:
+            st = os.fstat(probe)
+        finally:
+            os.close(probe)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+            raise Untrusted(path, "is %s, not a regular file or FIFO" % type_name(st.st_mode))
+        problem = owner_problem(st)
+        if problem:
+            raise Untrusted(path, problem)
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=mod_fd)
+    finally:
+        os.close(mod_fd)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise Untrusted(path, "was replaced while it was being opened")
+    return fd, opened
+
+
+def script_refusal(path: str) -> Optional[str]:
+    """None if the script file PATH may run as root, else why not.
+
+    Its directory and the file must be trusted; for a symbolic link, so must
+    its target and the target's directory.  The file must be a regular file
+    not writable by group or others."""
+    try:
+        return _script_refusal(path)
+    except Untrusted as exc:
+        return str(exc)
+    except FileNotFoundError:
+        return "%s does not exist" % path
+    except OSError as exc:
+        return "%s cannot be checked: %s" % (path, exc.strerror)
+
+
+def _script_refusal(path: str) -> Optional[str]:
+    dir_fd = open_trusted_dir(os.path.dirname(path))
+    try:
+        st = os.lstat(os.path.basename(path), dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    if stat.S_ISLNK(st.st_mode):
+        # A link in a trusted directory was put there by a trusted user; what
+        # it points to must be trusted just the same.
+        target = os.path.realpath(path)
+        refusal = script_refusal(target)
+        return refusal and "%s links to %s" % (path, refusal)
+    if not stat.S_ISREG(st.st_mode):
+        return "%s is %s, not a regular file" % (path, type_name(st.st_mode))
+    check_stat(path, st)
+    return None
+
+
+def remove_tree(path: str, limit: int = MAX_REMOVE_OPERATIONS) -> None:
+    """Remove the directory PATH and everything in it, without following any
+    link, iteratively (any depth), touching only directories owned by a
+    trusted user, and at most LIMIT entries.
+
+    PATH's parent is opened as given; PATH itself and everything below are
+    reached through directory descriptors only.  Raises FileNotFoundError if
+    PATH is gone, Untrusted for a link or a foreign directory (nothing of it
+    is removed then, or nothing more), OSError otherwise."""
+    parent_fd = os.open(os.path.dirname(os.path.abspath(path)),
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _remove_tree_at(parent_fd, os.path.basename(path), path, limit)
+    finally:
+        os.close(parent_fd)
+
+
+def try_remove_tree(path: str) -> Optional[Exception]:
+    """remove_tree, returning its exception instead of raising it: for the
+    hub's thread pool, which prints every exception a task raises."""
+    try:
+        remove_tree(path)
+    except Exception as exc:  # noqa: BLE001 -- handed back to the caller
+        return exc
+    return None
+
+
+def _open_owned_dir(dir_fd: int, name: str, path: str) -> Tuple[int, Tuple[int, int]]:
+    fd = _open_component(dir_fd, name, path, _DIR_FLAGS)
+    st = os.fstat(fd)
+    problem = owner_problem(st)
+    if problem:
+        os.close(fd)
+        raise Untrusted(path, problem)
+    return fd, (st.st_dev, st.st_ino)
+
+
+def _remove_tree_at(parent_fd: int, name: str, path: str, limit: int) -> None:
+    # Only the current directory is open: going back up opens ".." and
+    # checks it is the directory we came from, so depth costs no descriptors
+    # and no recursion.
+    cur, ident = _open_owned_dir(parent_fd, name, path)
+    names: List[str] = []
+    idents = [ident]
+    budget = [limit, limit]  # [left, limit]
+    try:
+        while True:
+            sub = _clear_files(cur, path, names, budget)
+            if sub is not None:
+                child, child_ident = _open_owned_dir(
+                    cur, sub, os.path.join(path, *names, sub))
+                os.close(cur)
+                cur = child
+                names.append(sub)
+                idents.append(child_ident)
+                continue
+            if not names:
+                break
+            up = os.open("..", _DIR_FLAGS, dir_fd=cur)
+            upst = os.fstat(up)
+            if (upst.st_dev, upst.st_ino) != idents[-2]:
+                os.close(up)
+                raise Untrusted(os.path.join(path, *names), "was moved during clean-up")
+            os.close(cur)
+            cur = up
+            idents.pop()
+            os.rmdir(names.pop(), dir_fd=cur)
+    finally:
+        os.close(cur)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _clear_files(dir_fd: int, path: str, names: List[str], budget: List[int]) -> Optional[str]:
+    """Unlink every non-directory in DIR_FD; return the name of a
+    subdirectory still to be removed, or None when the directory is empty."""
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise OSError(errno.E2BIG, "more than %d entries" % budget[1],
+                              os.path.join(path, *names))
+            if entry.is_dir(follow_symlinks=False):
+                return entry.name
+            try:
+                os.unlink(entry.name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+    return None
