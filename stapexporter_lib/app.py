@@ -23,8 +23,6 @@ CONTENT_TYPE_HTML = "text/html; charset=utf-8"
 
 NOT_READY_PREFIX = "Refresh page to access metrics."
 
-# How long a scrape may wait for output when the client sets no deadline.
-DEFAULT_SCRAPE_TIMEOUT = 5.0
 # Answer this much before a Prometheus scraper's own deadline.
 SCRAPE_TIMEOUT_MARGIN = 0.25
 MIN_SCRAPE_TIMEOUT = 0.1
@@ -71,9 +69,8 @@ def _float(text: str) -> float:
 class App:
     """The exporter's HTTP interface."""
 
-    def __init__(self, manager, default_timeout: float = DEFAULT_SCRAPE_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic, metrics=None,
-                 validate: bool = False, auth=None):
+    def __init__(self, manager, default_timeout: float, validate: bool,
+                 clock: Callable[[], float] = time.monotonic, metrics=None, auth=None):
         self.manager = manager
         self.default_timeout = default_timeout
         self.clock = clock

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 import gevent
 
+from . import naming
+
 log = logging.getLogger("stap-exporter")
 
 # Compiled module suffix -> the runtime's loader.
@@ -90,7 +92,7 @@ class ModuleCache:
 
     def _directory(self) -> str:
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="stap-exporter.%d.cache." % os.getpid(),
+            self._dir = tempfile.mkdtemp(prefix=naming.cache_prefix(os.getpid()),
                                          dir=self.root)
         return self._dir
 

@@ -12,18 +12,15 @@ Runs once, before the server accepts connections.
 
 import logging
 import os
-import re
 import shutil
 import signal
 import tempfile
 import time
 from typing import Iterable, List, Optional
 
-from .catalog import MODULE_RE
+from .naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned
 
 log = logging.getLogger("stap-exporter")
-
-_WORKDIR_RE = re.compile(r"^stap-exporter\.(\d+)\.")
 
 
 def _alive(pid: int) -> bool:
@@ -115,7 +112,7 @@ def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = No
         _kill(pids)
         cleaned += len(pids)
     for directory in procfs_dirs:
-        if directory.startswith("/proc"):
+        if kernel_owned(directory):
             continue  # the kernel owns these
         try:
             entries = os.listdir(directory)

@@ -16,17 +16,18 @@ log = logging.getLogger("stap-exporter")
 class Manager:
     """Owns one Session per known script and decides when they come and go."""
 
-    def __init__(self, catalog: Catalog, config: SessionConfig,
-                 clock: Callable[[], float] = time.monotonic, session_factory=Session,
-                 max_running: Optional[int] = None, max_starting: Optional[int] = None):
+    def __init__(self, catalog: Catalog, config: SessionConfig, max_running: int,
+                 max_starting: int, clock: Callable[[], float] = time.monotonic,
+                 session_factory=Session):
         self.catalog = catalog
         self.config = config
+        self.sessions: Dict[str, Session] = {}
+        self.shutting_down = False
+        # The caps on scripts a request may start (--max-scripts, --max-starting).
         self.max_running = max_running
         self.max_starting = max_starting
         self.clock = clock
         self._factory = session_factory
-        self.sessions: Dict[str, Session] = {}
-        self.shutting_down = False
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
@@ -60,11 +61,11 @@ class Manager:
         if self.shutting_down:
             return "the exporter is shutting down"
         live = [s for s in self.sessions.values() if s.live]
-        if self.max_running is not None and len(live) >= self.max_running:
+        if len(live) >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
                     " when one stops" % len(live))
         starting = sum(1 for s in live if s.state == STARTING)
-        if self.max_starting is not None and starting >= self.max_starting:
+        if starting >= self.max_starting:
             return ("%d scripts are starting, the most allowed at once (--max-starting);"
                     " try again shortly" % starting)
         return None

@@ -13,8 +13,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from . import __version__
 from .states import RUNNING
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 # Scrapes are fast (sub-millisecond) unless a script is slow to produce output.
 DURATION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 

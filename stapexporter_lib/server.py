@@ -9,13 +9,14 @@ import logging
 import signal
 import socket
 import sys
+import tempfile
 from typing import List, Optional
 
 import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, cli, webconfig
+from . import __version__, cli, procfs, webconfig
 from .app import App
 from .catalog import Catalog
 from .compiled import ModuleCache
@@ -24,7 +25,8 @@ from .leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
 from .manager import Manager
 from .selfmetrics import SelfMetrics
-from .session import SessionConfig, set_child_subreaper
+from .child import set_child_subreaper
+from .session import START_WAIT, SessionConfig
 
 log = logging.getLogger("stap-exporter")
 
@@ -79,9 +81,10 @@ class Exporter:
         self.module_cache = None if config.recompile else ModuleCache()
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
-            stop_grace=config.stop_timeout, module_cache=self.module_cache),
-            max_running=config.max_scripts,
-            max_starting=config.max_starting)
+            start_wait=START_WAIT, stop_grace=config.stop_timeout,
+            workdir_root=tempfile.gettempdir(), max_output=procfs.DEFAULT_MAX_BYTES,
+            module_cache=self.module_cache),
+            max_running=config.max_scripts, max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.web = None
         if config.web_config:

@@ -17,11 +17,6 @@ STOPPING = "stopping"  # SIGTERM sent, waiting for the process group to go
 BACKOFF = "backoff"    # autostart script exited; waiting to restart it
 FAILED = "failed"      # exited on its own; the error is kept for a 502
 
-ALL_STATES = (STOPPED, STARTING, RUNNING, STOPPING, BACKOFF, FAILED)
-
-# A process exists in these states.
-LIVE_STATES = (STARTING, RUNNING, STOPPING)
-
 # A request may be answered from the script's output in these states.
 SERVING_STATES = (STARTING, RUNNING)
 
