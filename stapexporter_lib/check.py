@@ -26,9 +26,7 @@ def check_one(script, stap: List[str]) -> Tuple[bool, str]:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, timeout=CHECK_TIMEOUT,
                               cwd=os.path.dirname(script.path))
-    except FileNotFoundError as exc:
-        return False, "cannot run %s: %s" % (argv[0], exc.strerror)
-    except PermissionError as exc:
+    except OSError as exc:  # missing, not executable, or a format the kernel cannot run
         return False, "cannot run %s: %s" % (argv[0], exc.strerror)
     except subprocess.TimeoutExpired:
         return False, "timed out after %.0f s" % CHECK_TIMEOUT

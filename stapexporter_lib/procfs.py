@@ -99,6 +99,16 @@ def read_output(path: str, timeout: float,
     return _read_file_in_thread(path, deadline, max_bytes, clock)
 
 
+def _collect(chunks: List[bytes], data: bytes, total: int, max_bytes: int) -> int:
+    """Append DATA to CHUNKS; the new total.  Raises OutputTooLarge beyond
+    MAX_BYTES."""
+    chunks.append(data)
+    total += len(data)
+    if total > max_bytes:
+        raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+    return total
+
+
 def _read_file(path: str, max_bytes: int) -> bytes:
     chunks = []
     total = 0
@@ -108,10 +118,7 @@ def _read_file(path: str, max_bytes: int) -> bytes:
             data = f.read(min(4 * _READ_CHUNK, max_bytes + 1 - total))
             if not data:
                 return b"".join(chunks)
-            chunks.append(data)
-            total += len(data)
-            if total > max_bytes:
-                raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+            total = _collect(chunks, data, total, max_bytes)
 
 
 def _read_file_in_thread(path, deadline, max_bytes, clock) -> bytes:
@@ -175,10 +182,7 @@ def _read_fifo_once(path, deadline, max_bytes, clock) -> bytes:
                     raise OutputError("cannot read output FIFO: %s" % exc.strerror) from None
                 if not data:
                     return b"".join(chunks)
-                chunks.append(data)
-                total += len(data)
-                if total > max_bytes:
-                    raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+                total = _collect(chunks, data, total, max_bytes)
     except _WaitTimeout:
         raise OutputTimeout("the script's output FIFO got no writer before the deadline"
                             if not chunks else
