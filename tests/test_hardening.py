@@ -796,12 +796,28 @@ def test_writer_dying_mid_output_is_not_200(dirs, exporter_factory):
                                                                  "__prometheus"))), None),
                     timeout=5, message="the FIFO")
     assert fifo
-    time.sleep(0.3)  # the half output is written; the writer stalls
     (pid,) = exp.children()
+    # fakestap opens the FIFO for writing once our request's read opened it,
+    # writes half the output and stalls.
+    wait_for(lambda: _has_open(pid, fifo), timeout=5, message="the writer to open the FIFO")
     os.kill(pid, signal.SIGTERM)  # fakestap exits, closing the FIFO
     th.join(10)
     (r,) = result
     assert r.status != 200, "truncated output served as 200: %r" % r.body
+
+
+def _has_open(pid, path):
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == path:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # -- 12. concurrent first requests ------------------------------------------------------
@@ -1017,6 +1033,7 @@ def test_sigterm_under_load(dirs, exporter_factory):
     exp.get("/mute.stp")
     barrier = threading.Barrier(51, timeout=10)
     outcomes = []
+    sent = set()  # threads whose request is out (or failed to go out)
 
     def hit(path):
         barrier.wait()
@@ -1025,6 +1042,7 @@ def test_sigterm_under_load(dirs, exporter_factory):
             conn = http.client.HTTPConnection(exp.host, exp.port, timeout=10)
             try:
                 conn.request("GET", path)
+                sent.add(threading.get_ident())
                 resp = conn.getresponse()
                 body = resp.read()
                 outcomes.append(("response", resp.status, len(body), time.monotonic() - t0))
@@ -1035,6 +1053,8 @@ def test_sigterm_under_load(dirs, exporter_factory):
             outcomes.append(("closed", type(exc).__name__, 0, time.monotonic() - t0))
         except socket.timeout:
             outcomes.append(("timeout", None, 0, time.monotonic() - t0))
+        finally:
+            sent.add(threading.get_ident())
     paths = ["/slow.stp"] * 20 + ["/run.stp"] * 15 + ["/mute.stp"] * 15
     threads = [threading.Thread(target=hit, args=(p,), daemon=True) for p in paths]
     for t in threads:
@@ -1042,7 +1062,8 @@ def test_sigterm_under_load(dirs, exporter_factory):
     barrier.wait()
     # Let the requests reach the exporter, then stop it.
     wait_for(lambda: len(exp.children()) == 3, timeout=5, message="slow.stp to start")
-    time.sleep(0.2)  # (the requests on mute.stp/slow.stp wait up to 1 s)
+    # (the requests on mute.stp/slow.stp wait up to 1 s)
+    wait_for(lambda: len(sent) == len(paths), timeout=10, message="every request sent")
     t_term = time.monotonic()
     exp.signal(signal.SIGTERM)
     for t in threads:

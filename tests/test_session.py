@@ -223,13 +223,21 @@ def test_without_keepalive_or_for_autostart_scripts_nothing_stops(world, name, k
     assert not fake.signals and s.state == "starting" and s.live
 
 
-def test_stop_escalates_from_sigterm_to_sigkill_after_the_grace(world, caplog):
-    make, vt, fake, _ = world
+def stop_running(world, **behaviour):
+    """Start a session (stop_grace 5 s) whose process has BEHAVIOUR, then
+    stop it in a greenlet; returns (session, process, stopping greenlet)."""
+    make, _, fake, _ = world
     s = make(stop_grace=5)
     s.start()
     proc = spawned(fake, 1)
-    proc.ignore_term = True
-    stopper = gevent.spawn(s.stop)
+    for key, value in behaviour.items():
+        setattr(proc, key, value)
+    return s, proc, gevent.spawn(s.stop)
+
+
+def test_stop_escalates_from_sigterm_to_sigkill_after_the_grace(world, caplog):
+    _, vt, fake, _ = world
+    s, proc, stopper = stop_running(world, ignore_term=True)
     settle(lambda: fake.signals, "SIGTERM")
     assert fake.signals == [(proc.pid, signal.SIGTERM)] and s.state == "stopping"
     vt.advance(4.9)
@@ -244,12 +252,8 @@ def test_stop_escalates_from_sigterm_to_sigkill_after_the_grace(world, caplog):
 
 
 def test_group_members_outliving_the_leader_get_the_grace_then_sigkill(world, caplog):
-    make, vt, fake, _ = world
-    s = make(stop_grace=5)
-    s.start()
-    proc = spawned(fake, 1)
-    proc.stragglers = True
-    stopper = gevent.spawn(s.stop)
+    _, vt, fake, _ = world
+    s, proc, stopper = stop_running(world, stragglers=True)
     settle(lambda: proc.returncode is not None and len(fake.signals) >= 2, "group SIGTERM")
     assert fake.signals[:2] == [(proc.pid, signal.SIGTERM)] * 2
     vt.advance(4.9)
