@@ -3,6 +3,10 @@
 The real work is ``App.respond()``, a plain method returning
 ``(status, headers, body)``; ``App.__call__`` is the thin WSGI shell.  It asks
 the manager for sessions and sessions for outcomes; it never spawns anything.
+
+Owns routing, status codes, headers and the pages' text.  Must not fork or
+signal processes, read script output itself (it asks sessions), or parse the
+command line (``server.py`` hands it its settings).
 """
 
 import gzip

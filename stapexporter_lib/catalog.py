@@ -6,7 +6,8 @@ unique within this exporter process, and stable for its lifetime.  Module names
 carry the exporter's pid so that two exporters on one host never collide and a
 later exporter can recognise (and clean) the leftovers of a dead one.
 
-It starts nothing.
+Owns the name -> script mapping and when to rescan (the naming rules are in
+``naming.py``).  Must not start or signal anything, or read scripts' output.
 """
 
 import logging

@@ -1,4 +1,8 @@
-"""``stap-exporter --check``: elaborate every script with systemtap (-p2)."""
+"""``stap-exporter --check``: elaborate every script with systemtap (-p2).
+
+Owns the ``--check`` run: one line per script and the exit status.  Must
+not start the server or run a script for longer than its elaboration.
+"""
 
 import os
 import subprocess

@@ -1,5 +1,10 @@
 """Command line: the docopt usage text (it mirrors the man page) and its
-validation into a ``Config``.  Touches no sockets and starts no processes."""
+validation into a ``Config``.  Touches no sockets and starts no processes.
+
+Owns the option list and its defaults (the usage text is their single
+source), their validation and ``Config``.  Must not touch sockets, processes
+or logging.
+"""
 
 import dataclasses
 import math

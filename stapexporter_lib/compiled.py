@@ -14,6 +14,9 @@ compiled afresh at once.
 The cache lives in a directory of this exporter process (module names carry
 the exporter's pid, so they cannot be shared between processes) and is removed
 at exit; after a crash, the start-up sweep removes it.
+
+Owns the cache directory and its entries.  Must not decide when a module is
+kept or run (``launch.py``) or start anything.
 """
 
 import hashlib

@@ -8,6 +8,10 @@ runtime's module directories, and private working directories.  Leftovers of
 a live exporter are never touched.
 
 Runs once, before the server accepts connections.
+
+Owns the start-up sweep.  Must not touch anything of a live exporter (its
+own included) or run once the server serves; the names come from
+``naming.py``.
 """
 
 import logging

@@ -1,4 +1,9 @@
-"""The set of sessions: lookups, autostarts, rescans and shutdown."""
+"""The set of sessions: lookups, autostarts, rescans and shutdown.
+
+Owns the sessions by name, the caps on starts (``--max-scripts``,
+``--max-starting``), autostarts, rescans and the order of shutdown.  Must not
+parse HTTP, fork processes or read output (sessions do).
+"""
 
 import logging
 import time

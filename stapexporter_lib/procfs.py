@@ -16,6 +16,9 @@ kernel and may take a while for large arrays.
 
 This module knows nothing about sessions; directories are parameters so tests
 can point them at a fixture tree.
+
+Owns the opening and reading of output files.  Must not know about sessions,
+change state, or signal processes.
 """
 
 import errno

@@ -4,6 +4,9 @@ A registry of our own (not the library's global default).  Per-script state
 (up, starts, exits, restarts, output size) is read from the sessions when
 ``/metrics`` is scraped, so keeping it costs the hot path nothing; only the
 scrape duration histogram and the error counter are updated per request.
+
+Owns the ``/metrics`` registry.  Must not change sessions (it only reads
+them) or do work per request beyond the two instruments.
 """
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, Info,

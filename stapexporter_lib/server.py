@@ -2,6 +2,10 @@
 
 Signal handlers only record what to do; the work (rescans, shutdown) runs in
 greenlets, never inside the handler.
+
+Owns the wiring of the components (the one place they meet, each given the
+part of ``cli.Config`` it needs), the listener, signals and the exit status.
+Must not hold request or lifecycle logic.
 """
 
 import errno

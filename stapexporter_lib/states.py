@@ -8,6 +8,9 @@ these without pulling in anything else.
     STARTING/RUNNING --keepalive/shutdown--> STOPPING --exit--> STOPPED
     BACKOFF --delay elapsed--> STARTING
     FAILED --error reported / next request--> STOPPED --start--> ...
+
+Owns the states, their groups and the transitions table.  Must not import
+anything or hold behaviour.
 """
 
 STOPPED = "stopped"    # no process; started on the next request
