@@ -17,6 +17,10 @@ from .states import STARTING
 
 log = logging.getLogger("stap-exporter")
 
+# How much longer than the sessions' own stop budget a shutdown waits for the
+# stopping greenlets to finish.
+SHUTDOWN_MARGIN = 1.0
+
 
 class Manager:
     """Owns one Session per known script and decides when they come and go."""
@@ -122,7 +126,7 @@ class Manager:
         log.info("shutdown: stopping %d scripts", len(live))
         budget = timeout if timeout is not None else max(s.stop_budget() for s in live)
         workers = [gevent.spawn(s.stop, budget) for s in live]
-        gevent.joinall(workers, timeout=budget + 1)
+        gevent.joinall(workers, timeout=budget + SHUTDOWN_MARGIN)
         left = [s.name for s in live if s.live]
         if left:
             log.error("shutdown: scripts still running after %g s: %s", budget, ", ".join(left))

@@ -35,6 +35,8 @@ from .session import START_WAIT, SessionConfig
 log = logging.getLogger("stap-exporter")
 
 BACKLOG = 1024
+# How long in-flight requests get to finish once the scripts have stopped.
+REQUEST_DRAIN = 2.0
 
 
 class StartupError(Exception):
@@ -142,7 +144,7 @@ class Exporter:
         # requests finish, then wait for those.
         self.server.close()
         ok = self.manager.shutdown()
-        self.server.stop(timeout=2)
+        self.server.stop(timeout=REQUEST_DRAIN)
         if self.module_cache is not None:
             self.module_cache.clear()
         log.info("exited: stap-exporter stopped%s", "" if ok else " (some scripts did not stop)")

@@ -32,6 +32,7 @@ RETRY_BUSY = 5           # a cap on running or starting scripts refused the star
 RETRY_STOPPING = 1       # stopping: the next request starts it again
 RETRY_STARTING = 2       # starting (compiling)
 RETRY_UNAVAILABLE = 1    # running, but the output could not be read
+RETRY_MIN = 1            # the least Retry-After a backoff answer gives
 
 
 class Outcome:
@@ -96,7 +97,7 @@ class Session(Lifecycle):
             wait = max(0.0, (self.backoff_until or 0) - self.clock())
             return not_ready("The script exited (%s) and will be restarted in %.0f s.\n%s"
                              % (self.last_error or "", wait, self._tail_text()),
-                             max(1, round(wait)))
+                             max(RETRY_MIN, round(wait)))
         return self._read_live(timeout)
 
     def failure_report(self) -> str:
