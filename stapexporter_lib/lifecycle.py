@@ -97,7 +97,8 @@ def describe_exit(returncode: Optional[int]) -> str:
 
 
 class Lifecycle:
-    """The process side of one script's session."""
+    """The process side of one script's session: its state, its runs, and the
+    watchdog that moves it from state to state."""
 
     def __init__(self, script: Script, config: SessionConfig,
                  clock: Callable[[], float] = time.monotonic,
@@ -175,6 +176,7 @@ class Lifecycle:
     def stop_budget(self) -> float:
         """The longest a stop can take (see ``child.stop_budget``)."""
         return stop_budget(self.config.stop_grace)
+
     def _transition(self, new: str) -> None:
         old = self.state
         if new not in TRANSITIONS[old]:
