@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""stap-exporter: serve SystemTap scripts' Prometheus metrics over HTTP."""
+"""stap-exporter: serve SystemTap scripts' Prometheus metrics over HTTP.
+
+Owns gevent's monkey-patching, done first; must not contain logic.
+"""
 
 # gevent must patch the standard library before anything else imports it.
 from gevent import monkey

@@ -5,6 +5,10 @@ The real work is ``App.respond()``, a plain method returning
 the manager for sessions and sessions for outcomes; it never spawns anything.
 The index page's rendering lives in ``indexpage``, the ``/targets`` document
 in ``discovery``, the reading of scripts' costs in ``proccost``.
+
+Owns routing, status codes, headers and the pages' text.  Must not fork or
+signal processes, read script output itself (it asks sessions), or parse the
+command line (``server.py`` hands it its settings).
 """
 
 import gzip
@@ -30,8 +34,6 @@ CONTENT_TYPE_HTML = "text/html; charset=utf-8"
 
 NOT_READY_PREFIX = "Refresh page to access metrics."
 
-# How long a scrape may wait for output when the client sets no deadline.
-DEFAULT_SCRAPE_TIMEOUT = 5.0
 # Answer this much before a Prometheus scraper's own deadline.
 SCRAPE_TIMEOUT_MARGIN = 0.25
 MIN_SCRAPE_TIMEOUT = 0.1
@@ -79,10 +81,9 @@ def _float(text: str) -> float:
 class App:
     """The exporter's HTTP interface."""
 
-    def __init__(self, manager, default_timeout: float = DEFAULT_SCRAPE_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic, metrics=None,
-                 validate: bool = False, auth=None, advertise: Optional[str] = None,
-                 proc: str = proccost.DEFAULT_PROC,
+    def __init__(self, manager, default_timeout: float, validate: bool,
+                 clock: Callable[[], float] = time.monotonic, metrics=None, auth=None,
+                 advertise: Optional[str] = None, proc: str = proccost.DEFAULT_PROC,
                  wall_clock: Callable[[], float] = time.time):
         self.manager = manager
         self.advertise = advertise  # HOST:PORT for /targets, overriding the Host header

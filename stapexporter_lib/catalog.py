@@ -6,25 +6,20 @@ unique within this exporter process, and stable for its lifetime.  Module names
 carry the exporter's pid so that two exporters on one host never collide and a
 later exporter can recognise (and clean) the leftovers of a dead one.
 
-It starts nothing.
+Owns the name -> script mapping and when to rescan (the naming rules are in
+``naming.py``).  Must not start or signal anything, or read scripts' output.
 """
 
 import logging
 import os
-import re
 import stat
-import zlib
 from typing import Dict, List, Optional, Tuple
+
+from .naming import SCRIPT_SUFFIX as SUFFIX, module_name
 
 log = logging.getLogger("stap-exporter")
 
-SUFFIX = ".stp"
 AUTOSTART_MARK = "autostart"
-MODULE_PREFIX = "stapexp_"
-MODULE_MAX = 55
-
-# Module names of ours: prefix, owning exporter's pid, script slug.
-MODULE_RE = re.compile(r"^" + MODULE_PREFIX + r"([0-9]+)_[a-z0-9_]+$")
 
 
 class Script:
@@ -152,25 +147,7 @@ class Catalog:
     def _module_for(self, name: str) -> str:
         module = self._modules.get(name)
         if module is None:
-            module = self._make_module(name)
+            module = module_name(name, self.pid, self._used_modules)
             self._modules[name] = module
             self._used_modules.add(module)
         return module
-
-    def _make_module(self, name: str) -> str:
-        base = name[:-len(SUFFIX)]
-        slug = re.sub(r"[^a-z0-9_]+", "_", base.lower()).strip("_") or "script"
-        head = "%s%d_" % (MODULE_PREFIX, self.pid)
-        module = head + slug
-        if slug == base and len(module) <= MODULE_MAX and module not in self._used_modules:
-            return module
-        # Altered, too long or taken: keep it readable and add a checksum of
-        # the exact file name to tell such names apart.
-        salt = 0
-        while True:
-            digest = "%08x" % zlib.crc32(("%s\0%d" % (name, salt)).encode("utf-8", "surrogateescape"))
-            room = MODULE_MAX - len(head) - len(digest) - 1
-            module = "%s%s_%s" % (head, slug[:room].rstrip("_") or "s", digest)
-            if module not in self._used_modules:
-                return module
-            salt += 1

@@ -1,7 +1,11 @@
 """``stap-exporter --check``: elaborate every script with systemtap (-p2).
 
 The same trust rules as the server apply (trust.py): an executable script is
-run directly here too, so an untrusted file is reported, never run."""
+run directly here too, so an untrusted file is reported, never run.
+
+Owns the ``--check`` run: one line per script and the exit status.  Must
+not start the server or run a script for longer than its elaboration.
+"""
 
 import os
 import subprocess
@@ -31,9 +35,7 @@ def check_one(script, stap: List[str]) -> Tuple[bool, str]:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, timeout=CHECK_TIMEOUT,
                               cwd=os.path.dirname(script.path))
-    except FileNotFoundError as exc:
-        return False, "cannot run %s: %s" % (argv[0], exc.strerror)
-    except PermissionError as exc:
+    except OSError as exc:  # missing, not executable, or a format the kernel cannot run
         return False, "cannot run %s: %s" % (argv[0], exc.strerror)
     except subprocess.TimeoutExpired:
         return False, "timed out after %.0f s" % CHECK_TIMEOUT

@@ -1,6 +1,12 @@
 """Command line: the docopt usage text (it mirrors the man page) and its
-validation into a ``Config``.  Touches no sockets and starts no processes."""
+validation into a ``Config``.  Touches no sockets and starts no processes.
 
+Owns the option list and its defaults (the usage text is their single
+source), their validation and ``Config``.  Must not touch sockets, processes
+or logging.
+"""
+
+import dataclasses
 import math
 import os
 import shlex
@@ -103,42 +109,33 @@ class UsageError(Exception):
     """A bad command line; the message is one line for the user."""
 
 
+@dataclasses.dataclass
 class Config:
-    """Validated settings."""
+    """Validated settings, built by ``parse()`` from the parsed options alone:
+    the usage text is the single source of every default, so neither this
+    class nor the components it configures have defaults of their own."""
 
-    def __init__(self, port: int, keepalive: Optional[float], scripts_dir: str,
-                 listen: Optional[str], stap: List[str], procfs_dirs: List[str],
-                 log_level: str, check: bool, stop_timeout: float = 5.0,
-                 log_format: str = "logfmt", validate: bool = False,
-                 follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
-                 max_connections: int = 512, header_timeout: float = 30.0,
-                 web_config: Optional[str] = None, recompile: bool = False,
-                 scrape_timeout: float = 5.0, advertise_address: Optional[str] = None,
-                 insecure_scripts: bool = False):
-        self.port = port
-        self.keepalive = keepalive
-        self.scripts_dir = scripts_dir
-        self.listen = listen
-        self.stap = stap
-        self.procfs_dirs = procfs_dirs
-        self.log_level = log_level
-        self.check = check
-        self.stop_timeout = stop_timeout
-        self.log_format = log_format
-        self.validate = validate
-        self.follow_symlinks = follow_symlinks
-        self.max_scripts = max_scripts
-        self.max_starting = max_starting
-        self.max_connections = max_connections
-        self.header_timeout = header_timeout
-        self.web_config = web_config
-        self.recompile = recompile
-        self.scrape_timeout = scrape_timeout
-        self.advertise_address = advertise_address
-        self.insecure_scripts = insecure_scripts
-
-    def __repr__(self):
-        return "Config(%r)" % self.__dict__
+    port: int
+    keepalive: Optional[float]
+    scripts_dir: str
+    listen: Optional[str]
+    advertise_address: Optional[str]
+    stap: List[str]
+    procfs_dirs: List[str]
+    follow_symlinks: bool
+    insecure_scripts: bool
+    max_scripts: int
+    max_starting: int
+    max_connections: int
+    scrape_timeout: float
+    header_timeout: float
+    recompile: bool
+    web_config: Optional[str]
+    stop_timeout: float
+    log_level: str
+    log_format: str
+    validate: bool
+    check: bool
 
 
 def usage_text() -> str:
@@ -155,32 +152,29 @@ def parse(argv: List[str]) -> Config:
         raise UsageError("invalid arguments %s (see '%s --help')"
                          % (" ".join(shlex.quote(a) for a in argv), PROG)) from None
     # Check the plain values first and the file system last.
-    port = _port(args["--port"])
-    keepalive = _keepalive(args["--keepalive"])
-    stop_timeout = _seconds("--stop-timeout", args["--stop-timeout"])
-    header_timeout = _seconds("--header-timeout", args["--header-timeout"])
-    scrape_timeout = _seconds("--scrape-timeout", args["--scrape-timeout"])
-    max_scripts = _count("--max-scripts", args["--max-scripts"])
-    max_starting = _count("--max-starting", args["--max-starting"])
-    max_connections = _count("--max-connections", args["--max-connections"])
-    listen = _listen(args["--listen"])
-    advertise = _advertise(args["--advertise-address"])
-    stap = _stap(args["--stap"])
-    procfs_dirs = _procfs_dirs(args["--procfs-dirs"])
-    log_level = _log_level(args["--log-level"])
-    log_format = _choice("--log-format", args["--log-format"], LOG_FORMATS)
-    scripts_dir = _scripts_dir(args["-c"] or args["--scripts"])
-    return Config(port=port, keepalive=keepalive, scripts_dir=scripts_dir, listen=listen,
-                  stap=stap, procfs_dirs=procfs_dirs, log_level=log_level,
-                  check=bool(args["--check"]), stop_timeout=stop_timeout,
-                  log_format=log_format, validate=bool(args["--validate"]),
-                  follow_symlinks=bool(args["--follow-symlinks"]), max_scripts=max_scripts,
-                  max_starting=max_starting, max_connections=max_connections,
-                  header_timeout=header_timeout,
-                  web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
-                  recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout,
-                  advertise_address=advertise,
-                  insecure_scripts=bool(args["--insecure-scripts"]))
+    return Config(
+        port=_port(args["--port"]),
+        keepalive=_keepalive(args["--keepalive"]),
+        stop_timeout=_seconds("--stop-timeout", args["--stop-timeout"]),
+        header_timeout=_seconds("--header-timeout", args["--header-timeout"]),
+        scrape_timeout=_seconds("--scrape-timeout", args["--scrape-timeout"]),
+        max_scripts=_count("--max-scripts", args["--max-scripts"]),
+        max_starting=_count("--max-starting", args["--max-starting"]),
+        max_connections=_count("--max-connections", args["--max-connections"]),
+        listen=_listen(args["--listen"]),
+        advertise_address=_advertise(args["--advertise-address"]),
+        stap=_stap(args["--stap"]),
+        procfs_dirs=_procfs_dirs(args["--procfs-dirs"]),
+        log_level=_log_level(args["--log-level"]),
+        log_format=_choice("--log-format", args["--log-format"], LOG_FORMATS),
+        check=bool(args["--check"]),
+        validate=bool(args["--validate"]),
+        follow_symlinks=bool(args["--follow-symlinks"]),
+        insecure_scripts=bool(args["--insecure-scripts"]),
+        recompile=bool(args["--recompile"]),
+        web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
+        scripts_dir=_scripts_dir(args["-c"] or args["--scripts"]),
+    )
 
 
 def _port(value: str) -> int:

@@ -14,6 +14,9 @@ compiled afresh at once.
 The cache lives in a directory of this exporter process (module names carry
 the exporter's pid, so they cannot be shared between processes) and is removed
 at exit; after a crash, the start-up sweep removes it.
+
+Owns the cache directory and its entries.  Must not decide when a module is
+kept or run (``launch.py``) or start anything.
 """
 
 import hashlib
@@ -27,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import gevent
 
 from . import trust
+from . import naming
 
 log = logging.getLogger("stap-exporter")
 
@@ -99,7 +103,7 @@ class ModuleCache:
 
     def _directory(self) -> str:
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="stap-exporter.%d.cache." % os.getpid(),
+            self._dir = tempfile.mkdtemp(prefix=naming.cache_prefix(os.getpid()),
                                          dir=self.root)
         return self._dir
 

@@ -9,6 +9,9 @@ declare them in comments, which systemtap ignores::
 (``#`` comments work too.)  The exporter then inserts the declared lines
 before the first sample of each family, unless the output already has a
 ``# TYPE`` line for it.
+
+Owns the parsing of the declarations and their insertion.  Pure text: must
+not touch files, processes or sessions.
 """
 
 import re

@@ -9,6 +9,9 @@ configuration; else the connection's local address; or ``--advertise-address``.
 
 Pure functions only: it reads no directory, starts nothing and knows no HTTP
 server (the app passes the request's WSGI environ in).
+
+Owns the ``/targets`` document and the Host checks.  Must not start
+scripts, read the scripts directory or answer HTTP itself.
 """
 
 import ipaddress

@@ -8,7 +8,10 @@ external assets, no JavaScript.
 Every text that comes from outside the code (script file names, stderr
 lines, error messages, the directory) goes through ``terminal_safe`` first:
 a file named with ESC sequences must not retitle or recolour the terminal of
-whoever runs ``curl /``.  This module reads nothing and starts nothing.
+whoever runs ``curl /``.
+
+Owns the index page's text and HTML.  Must not read files, start scripts
+or change sessions (``app.py`` hands it the rows).
 """
 
 import html

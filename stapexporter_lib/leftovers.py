@@ -19,7 +19,11 @@ is never signalled; without pidfds, the process's start time is checked
 again right before each signal.  Whatever the sweep finds (huge numbers,
 odd names, deep trees, entries that vanish), it logs and moves on.
 
-Runs once, before the server accepts connections.  It owns nothing after.
+Runs once, before the server accepts connections.
+
+Owns the start-up sweep.  Must not touch anything of a live exporter (its
+own included), anything another user owns, or run once the server serves;
+the names come from ``naming.py``.
 """
 
 import logging
@@ -35,28 +39,15 @@ from typing import Iterable, List, Optional
 import gevent
 
 from . import trust
-from .catalog import MODULE_RE
+from .naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned, owner_pid
 
 log = logging.getLogger("stap-exporter")
 
-_WORKDIR_RE = re.compile(r"^stap-exporter\.([0-9]+)\.")
-
-# Linux never hands out a pid above this (PID_MAX_LIMIT on 64-bit systems);
-# a larger number in a name cannot be an exporter's pid.
-PID_MAX_LIMIT = 4 * 1024 * 1024
 # How long stopped processes get after SIGTERM, and then after SIGKILL.
 SWEEP_GRACE = 2.0
 _POLL_INTERVAL = 0.05
 # A private working directory is made by mkdtemp: no access for others.
 _PRIVATE_BITS = 0o077
-
-
-def owner_pid(text: str) -> Optional[int]:
-    """The pid in a name, or None when it cannot be one (huge, zero)."""
-    if not text.isdigit() or len(text) > len(str(PID_MAX_LIMIT)):
-        return None
-    pid = int(text)
-    return pid if 0 < pid <= PID_MAX_LIMIT else None
 
 
 def _alive(pid: int) -> bool:
@@ -250,7 +241,7 @@ def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = No
     except Exception:  # noqa: BLE001 -- loop boundary: log and go on
         log.exception("leftovers: the process sweep failed")
     for directory in procfs_dirs:
-        if not directory.startswith("/proc"):  # the kernel owns those
+        if not kernel_owned(directory):
             cleaned += _sweep_dir(directory, MODULE_RE)
     return cleaned + _sweep_dir(root, _WORKDIR_RE)
 

@@ -1,4 +1,9 @@
-"""The set of sessions: lookups, autostarts, rescans and shutdown."""
+"""The set of sessions: lookups, autostarts, rescans and shutdown.
+
+Owns the sessions by name, the caps on starts (``--max-scripts``,
+``--max-starting``), autostarts, rescans and the order of shutdown.  Must not
+parse HTTP, fork processes or read output (sessions do).
+"""
 
 import logging
 import time
@@ -13,21 +18,26 @@ from .states import STARTING
 
 log = logging.getLogger("stap-exporter")
 
+# How much longer than the sessions' own stop budget a shutdown waits for the
+# stopping greenlets to finish.
+SHUTDOWN_MARGIN = 1.0
+
 
 class Manager:
     """Owns one Session per known script and decides when they come and go."""
 
-    def __init__(self, catalog: Catalog, config: SessionConfig,
-                 clock: Callable[[], float] = time.monotonic, session_factory=Session,
-                 max_running: Optional[int] = None, max_starting: Optional[int] = None):
+    def __init__(self, catalog: Catalog, config: SessionConfig, max_running: int,
+                 max_starting: int, clock: Callable[[], float] = time.monotonic,
+                 session_factory=Session):
         self.catalog = catalog
         self.config = config
+        self.sessions: Dict[str, Session] = {}
+        self.shutting_down = False
+        # The caps on scripts a request may start (--max-scripts, --max-starting).
         self.max_running = max_running
         self.max_starting = max_starting
         self.clock = clock
         self._factory = session_factory
-        self.sessions: Dict[str, Session] = {}
-        self.shutting_down = False
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
@@ -77,11 +87,11 @@ class Manager:
         if self.shutting_down:
             return "the exporter is shutting down"
         live = [s for s in self.sessions.values() if s.live]
-        if self.max_running is not None and len(live) >= self.max_running:
+        if len(live) >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
                     " when one stops" % len(live))
         starting = sum(1 for s in live if s.state == STARTING)
-        if self.max_starting is not None and starting >= self.max_starting:
+        if starting >= self.max_starting:
             return ("%d scripts are starting, the most allowed at once (--max-starting);"
                     " try again shortly" % starting)
         return None
@@ -137,7 +147,7 @@ class Manager:
         log.info("shutdown: stopping %d scripts", len(live))
         budget = timeout if timeout is not None else max(s.stop_budget() for s in live)
         workers = [gevent.spawn(s.stop, budget) for s in live]
-        gevent.joinall(workers, timeout=budget + 1)
+        gevent.joinall(workers, timeout=budget + SHUTDOWN_MARGIN)
         left = [s.name for s in live if s.live]
         if left:
             log.error("shutdown: scripts still running after %g s: %s", budget, ", ".join(left))

@@ -9,7 +9,10 @@ process once per call and sums the figures per group.
 The proc root is a parameter (as in prometheus_client's ``ProcessCollector``)
 so tests can point it at a fixture tree.  ``group_costs`` does plain blocking
 file reads; ``measure`` runs it in the gevent hub's thread pool, for callers
-in greenlets.  It knows nothing about sessions, HTTP or metrics.
+in greenlets.
+
+Owns reading a process group's CPU time and memory from /proc.  Must not
+know about sessions, HTTP or metrics, or signal anything.
 """
 
 import os

@@ -21,6 +21,9 @@ kernel and may take a while for large arrays.
 
 This module knows nothing about sessions; directories are parameters so tests
 can point them at a fixture tree.
+
+Owns the opening and reading of output files.  Must not know about sessions,
+change state, or signal processes.
 """
 
 import os
@@ -142,6 +145,16 @@ def read_output(location: Location, timeout: float,
     return _read_file_in_thread(location.path, fd, deadline, max_bytes, clock)
 
 
+def _collect(chunks: List[bytes], data: bytes, total: int, max_bytes: int) -> int:
+    """Append DATA to CHUNKS; the new total.  Raises OutputTooLarge beyond
+    MAX_BYTES."""
+    chunks.append(data)
+    total += len(data)
+    if total > max_bytes:
+        raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+    return total
+
+
 def _read_file(fd: int, max_bytes: int) -> bytes:
     chunks = []
     total = 0
@@ -151,10 +164,7 @@ def _read_file(fd: int, max_bytes: int) -> bytes:
             data = f.read(min(4 * _READ_CHUNK, max_bytes + 1 - total))
             if not data:
                 return b"".join(chunks)
-            chunks.append(data)
-            total += len(data)
-            if total > max_bytes:
-                raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+            total = _collect(chunks, data, total, max_bytes)
 
 
 def _read_file_in_thread(path, fd, deadline, max_bytes, clock) -> bytes:
@@ -217,10 +227,7 @@ def _read_fifo_once(fd, deadline, max_bytes, clock) -> bytes:
                     raise OutputError("cannot read output FIFO: %s" % exc.strerror) from None
                 if not data:
                     return b"".join(chunks)
-                chunks.append(data)
-                total += len(data)
-                if total > max_bytes:
-                    raise OutputTooLarge("output larger than %d bytes" % max_bytes)
+                total = _collect(chunks, data, total, max_bytes)
     except _WaitTimeout:
         raise OutputTimeout("the script's output FIFO got no writer before the deadline"
                             if not chunks else

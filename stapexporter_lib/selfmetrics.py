@@ -6,6 +6,9 @@ the script's process group, read from ``/proc`` by ``proccost``) are read
 when ``/metrics`` is scraped, so keeping them costs the hot path nothing;
 only the scrape duration histogram, the error counter and the start-up
 histogram are updated per request.
+
+Owns the ``/metrics`` registry.  Must not change sessions (it only reads
+them) or do work per request beyond those instruments.
 """
 
 from typing import Dict, Optional, Tuple
@@ -16,8 +19,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__, proccost
 from .states import RUNNING
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Scrapes are fast (sub-millisecond) unless a script is slow to produce output.
 DURATION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)

@@ -2,6 +2,10 @@
 
 Signal handlers only record what to do; the work (rescans, shutdown) runs in
 greenlets, never inside the handler.
+
+Owns the wiring of the components (the one place they meet, each given the
+part of ``cli.Config`` it needs), the listener, signals and the exit status.
+Must not hold request or lifecycle logic.
 """
 
 import errno
@@ -9,13 +13,14 @@ import logging
 import signal
 import socket
 import sys
+import tempfile
 from typing import List, Optional
 
 import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, cli, discovery, webconfig
+from . import __version__, cli, discovery, procfs, webconfig
 from .app import App
 from .catalog import Catalog
 from .compiled import ModuleCache
@@ -24,11 +29,14 @@ from .leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
 from .manager import Manager
 from .selfmetrics import SelfMetrics
-from .session import SessionConfig, set_child_subreaper
+from .child import set_child_subreaper
+from .session import START_WAIT, SessionConfig
 
 log = logging.getLogger("stap-exporter")
 
 BACKLOG = 1024
+# How long in-flight requests get to finish once the scripts have stopped.
+REQUEST_DRAIN = 2.0
 
 
 class StartupError(Exception):
@@ -92,10 +100,10 @@ class Exporter:
         self.module_cache = None if config.recompile else ModuleCache()
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
-            stop_grace=config.stop_timeout, module_cache=self.module_cache,
-            insecure_scripts=config.insecure_scripts),
-            max_running=config.max_scripts,
-            max_starting=config.max_starting)
+            start_wait=START_WAIT, stop_grace=config.stop_timeout,
+            workdir_root=tempfile.gettempdir(), max_output=procfs.DEFAULT_MAX_BYTES,
+            module_cache=self.module_cache, insecure_scripts=config.insecure_scripts),
+            max_running=config.max_scripts, max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.web = None
         if config.web_config:
@@ -151,7 +159,7 @@ class Exporter:
         # requests finish, then wait for those.
         self.server.close()
         ok = self.manager.shutdown()
-        self.server.stop(timeout=2)
+        self.server.stop(timeout=REQUEST_DRAIN)
         if self.module_cache is not None:
             self.module_cache.clear()
         log.info("exited: stap-exporter stopped%s", "" if ok else " (some scripts did not stop)")

@@ -8,6 +8,9 @@ these without pulling in anything else.
     STARTING/RUNNING --keepalive/shutdown--> STOPPING --exit--> STOPPED
     BACKOFF --delay elapsed--> STARTING
     FAILED --error reported / next request--> STOPPED --start--> ...
+
+Owns the states, their groups and the transitions table.  Must not import
+anything or hold behaviour.
 """
 
 STOPPED = "stopped"    # no process; started on the next request
@@ -16,11 +19,6 @@ RUNNING = "running"    # process up and its output has been read
 STOPPING = "stopping"  # SIGTERM sent, waiting for the process group to go
 BACKOFF = "backoff"    # autostart script exited; waiting to restart it
 FAILED = "failed"      # exited on its own; the error is kept for a 502
-
-ALL_STATES = (STOPPED, STARTING, RUNNING, STOPPING, BACKOFF, FAILED)
-
-# A process exists in these states.
-LIVE_STATES = (STARTING, RUNNING, STOPPING)
 
 # A request may be answered from the script's output in these states.
 SERVING_STATES = (STARTING, RUNNING)

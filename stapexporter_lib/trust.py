@@ -15,8 +15,8 @@ owner were checked on an ``O_PATH`` descriptor (a device is never opened).
 Clean-up removes trees through directory descriptors, iteratively, without
 following any link and with a bound on its work.
 
-This module owns those checks and the tree removal; it knows nothing about
-sessions, HTTP or logging.  Everything here may block briefly on file-system
+Owns those checks and the tree removal.  Must not know about sessions, HTTP
+or logging.  Everything here may block briefly on file-system
 metadata calls, as ``os.stat`` does.
 """
 

@@ -211,26 +211,42 @@ def _ssl_context(tls, base: str, fail, notes: List[str], path: str) -> ssl.SSLCo
         if key not in _TLS_KEYS:
             raise fail("tls_server_config: unknown key %r (expected one of: %s)"
                        % (key, ", ".join(_TLS_KEYS)))
-
-    def string(key: str) -> Optional[str]:
-        value = tls.get(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise fail("tls_server_config: %s must be a string, got %s" % (key, _kind(value)))
-        return value
-
-    def filename(key: str) -> Optional[str]:
-        value = string(key)
-        return None if value is None else os.path.join(base, value)
-
-    cert_file, key_file = filename("cert_file"), filename("key_file")
+    cert_file = _tls_filename(tls, "cert_file", base, fail)
+    key_file = _tls_filename(tls, "key_file", base, fail)
     if cert_file is None:
         raise fail("tls_server_config: missing cert_file")
     if key_file is None:
         raise fail("tls_server_config: missing key_file")
+    verify_mode, ca_file = _client_auth(tls, base, fail, notes, path)
+    context = _context_with_versions(tls, fail)
+    _check_certificates(cert_file, "cert_file", fail)
+    _check_readable(key_file, "key_file", fail)
+    _load_key_pair(context, cert_file, key_file, fail)
+    context.verify_mode = verify_mode
+    if ca_file is not None:
+        _check_certificates(ca_file, "client_ca_file", fail)
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
-    auth_type = string("client_auth_type") or "NoClientCert"
+
+def _tls_string(tls: dict, key: str, fail) -> Optional[str]:
+    value = tls.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise fail("tls_server_config: %s must be a string, got %s" % (key, _kind(value)))
+    return value
+
+
+def _tls_filename(tls: dict, key: str, base: str, fail) -> Optional[str]:
+    value = _tls_string(tls, key, fail)
+    return None if value is None else os.path.join(base, value)
+
+
+def _client_auth(tls: dict, base: str, fail, notes: List[str], path: str):
+    """(verify_mode, client CA file or None) from client_auth_type and
+    client_ca_file."""
+    auth_type = _tls_string(tls, "client_auth_type", fail) or "NoClientCert"
     if auth_type not in _CLIENT_AUTH:
         raise fail("tls_server_config: invalid client_auth_type %r (expected one of: %s)"
                    % (auth_type, ", ".join(k for k in _CLIENT_AUTH if k != "RequireClientCert")))
@@ -239,7 +255,7 @@ def _ssl_context(tls, base: str, fail, notes: List[str], path: str) -> ssl.SSLCo
                    " (Python's ssl cannot require a client certificate without verifying it);"
                    " use RequireAndVerifyClientCert with client_ca_file" % auth_type)
     verify_mode, needs_ca = _CLIENT_AUTH[auth_type]
-    ca_file = filename("client_ca_file")
+    ca_file = _tls_filename(tls, "client_ca_file", base, fail)
     if needs_ca and ca_file is None:
         raise fail("tls_server_config: client_auth_type %s needs client_ca_file" % auth_type)
     if ca_file is not None and not needs_ca:
@@ -249,27 +265,30 @@ def _ssl_context(tls, base: str, fail, notes: List[str], path: str) -> ssl.SSLCo
     if auth_type == "RequestClientCert":
         notes.append("web config %s: client_auth_type RequestClientCert: client certificates"
                      " are neither requested nor used (same as NoClientCert)" % path)
+    return verify_mode, ca_file
 
+
+def _context_with_versions(tls: dict, fail) -> ssl.SSLContext:
+    """A server SSLContext limited to min_version..max_version."""
     versions = {}
     for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
-        name = string(key) or default
+        name = _tls_string(tls, key, fail) or default
         if name not in _TLS_VERSIONS:
             raise fail("tls_server_config: invalid %s %r (expected one of: %s)"
                        % (key, name, ", ".join(_TLS_VERSIONS)))
         versions[key] = _TLS_VERSIONS[name]
     if versions["min_version"] > versions["max_version"]:
         raise fail("tls_server_config: min_version is above max_version")
-
     context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.minimum_version = versions["min_version"]
         context.maximum_version = versions["max_version"]
     except (ValueError, ssl.SSLError) as e:
         raise fail("tls_server_config: cannot set the TLS versions: %s" % e) from None
+    return context
 
-    _check_certificates(cert_file, "cert_file", fail)
-    _check_readable(key_file, "key_file", fail)
 
+def _load_key_pair(context: ssl.SSLContext, cert_file: str, key_file: str, fail) -> None:
     def no_password():
         raise fail("tls_server_config: key_file %s is encrypted; stap-exporter needs an"
                    " unencrypted key" % key_file)
@@ -287,12 +306,6 @@ def _ssl_context(tls, base: str, fail, notes: List[str], path: str) -> ssl.SSLCo
     except OSError as e:
         raise fail("tls_server_config: cannot load cert_file %s / key_file %s: %s"
                    % (cert_file, key_file, e.strerror or e)) from None
-
-    context.verify_mode = verify_mode
-    if ca_file is not None:
-        _check_certificates(ca_file, "client_ca_file", fail)
-        context.load_verify_locations(cafile=ca_file)
-    return context
 
 
 def _check_readable(filename: str, key: str, fail) -> bytes:

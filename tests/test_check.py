@@ -146,6 +146,19 @@ def test_plain_script_missing_stap_fails(scripts, tmp_path):
     assert "Traceback" not in r.err, r
 
 
+def test_executable_script_the_kernel_cannot_run_is_one_line(scripts):
+    # Executable, but neither #! nor a binary: execve() fails with ENOEXEC.
+    path = write_plain(scripts, "noexec.stp", GOOD_STP)
+    os.chmod(path, 0o755)
+    write_script(scripts, "good.stp")
+    r = run_check(scripts, FAKESTAP)
+    assert r.rc == 1, r
+    assert r.line_for("noexec.stp") == ("noexec.stp: FAILED: cannot run %s: Exec format error"
+                                        % path), r
+    assert r.line_for("good.stp") == "good.stp: OK", r
+    assert "Traceback" not in r.err + r.out, r
+
+
 # ------------------------------------------------------------------ real systemtap
 
 @pytest.fixture(scope="module")

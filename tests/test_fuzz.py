@@ -166,25 +166,14 @@ def tracebacks(lines):
     return blocks
 
 
-def known_bug(tb):
-    """Tracebacks of the daemon bugs that test_hardening pins down with strict
-    xfail tests (random inputs reach them only sometimes, so they are
-    tolerated here rather than making this test flaky):
-    - test_http_version_without_a_dot_is_a_clean_400 (pywsgi IndexError)
-    - test_exactly_100_headers_are_accepted (http.client HTTPException)"""
-    last = tb.splitlines()[-1]
-    return (("_check_http_version" in tb and last.startswith("IndexError:"))
-            or ("parse_headers" in tb and "got more than 100 headers" in last))
-
-
 def test_after_fuzzing_the_exporter_is_healthy(fuzz_exporter):
     exp = fuzz_exporter
     assert exp.proc.poll() is None
     assert exp.get("/good.stp").status == 200
     assert exp.get("/-/healthy").status == 200
     text = exp.log_text()
-    unknown = [tb for tb in tracebacks(exp.log_lines) if not known_bug(tb)]
-    assert not unknown, "\n\n".join(unknown[:3])
+    found = tracebacks(exp.log_lines)
+    assert not found, "\n\n".join(found[:3])
     assert not re.search(r'" 500 ', text)
     assert "canary-fuzz-31c7" not in text
     assert "\x1b" not in text and "\r" not in text

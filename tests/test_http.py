@@ -36,16 +36,22 @@ def test_quick_script_answers_200_on_first_request(exporter):
     assert "fake_up" in families
 
 
-def test_body_is_relayed_byte_for_byte(exporter, dirs):
-    _, procfs = dirs
-    r = exporter.get_until("/quick.stp")
-    module = [d for d in os.listdir(str(procfs)) if d.startswith(exporter.module_prefix)][0]
-    # fakestap rewrites its file every 100 ms; the body must be one of its versions,
-    # so compare everything but the changing values' digits.
-    with open(os.path.join(str(procfs), module, "__prometheus"), "rb") as f:
-        on_disk = f.read()
-    assert r.body.splitlines()[0] == on_disk.splitlines()[0]
-    assert len(r.body.splitlines()) == len(on_disk.splitlines())
+@pytest.mark.parametrize("mode", ["file", "fifo"])
+def test_body_is_relayed_byte_for_byte(exporter, dirs, mode):
+    scripts, procfs = dirs
+    # One line and a padding comment: the same text on every cycle, so the
+    # body can be compared with what the script wrote, byte for byte.
+    name = "steady-%s.stp" % mode
+    write_script(scripts, name, "mode=%s lines=1 pad=200000" % mode)
+    r = exporter.get_until("/" + name)
+    expected = ('fake_up{script="%s"} 1\n# ' % name).encode()
+    expected += b"x" * (200000 - len(expected) - 1) + b"\n"
+    assert r.body == expected
+    if mode == "file":
+        module = [d for d in os.listdir(str(procfs))
+                  if d.startswith(exporter.module_prefix) and "_steady_file" in d][0]
+        with open(os.path.join(str(procfs), module, "__prometheus"), "rb") as f:
+            assert r.body == f.read()
 
 
 def test_compiling_script_is_503_with_retry_after(exporter):

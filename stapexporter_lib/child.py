@@ -1,0 +1,306 @@
+"""One run of a script's process: spawn, pipe pumps, signals, waiting, reaping,
+and the run's files.
+
+A ``ChildRun`` forks one child in its own process group (so a stop reaches
+everything a script started), with stdin from /dev/null, in a private working
+directory that is removed when it ends (stap leaves ``MODULE.bo``/``MODULE.ko``
+there), and with ``PR_SET_PDEATHSIG`` so it is told to stop if the exporter
+dies, even by SIGKILL.  Its stdout and stderr are pumped into the log.
+
+Every signal goes through the injected ``killpg`` and every wait through the
+injected ``wait``, so tests can drive a fake process on a fake clock (and never
+signal a real process group by a fake pid).
+
+Owns the child process and its working directory.  Must not decide when to
+start, stop or restart (that is ``session.py``'s policy), read the script's
+metrics output (``reader.py``), or know about HTTP.
+"""
+
+import ctypes
+import ctypes.util
+import dataclasses
+import logging
+import os
+import signal
+import tempfile
+import time
+from typing import Any, Callable, Deque, List, Optional, Sequence
+
+import gevent
+import gevent.os
+from gevent import subprocess
+
+from . import naming, procfs, trust
+from .catalog import Script
+
+log = logging.getLogger("stap-exporter")
+
+# Longest line of a child's stdout/stderr logged; the rest is cut.
+MAX_LINE = 4096
+# How much of a child's pipe is read at once.
+PIPE_CHUNK = 65536
+# How long a SIGKILLed process group leader gets to be reaped.
+KILL_WAIT = 5.0
+# How long the pipe pumps get to drain a finished child's last output.
+PUMP_JOIN = 1.0
+# How often the rest of a process group is checked for while it stops.
+STRAGGLER_POLL = 0.05
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _prctl = _libc.prctl
+except (OSError, AttributeError):  # not Linux/glibc: no death signal
+    _prctl = None
+
+# wait(objects, timeout): block until one of OBJECTS (gevent events or
+# results) is ready or TIMEOUT seconds pass; returns the ready ones.
+Waiter = Callable[[Sequence[Any], Optional[float]], Sequence[Any]]
+
+
+def wait_any(objects: Sequence[Any], timeout: Optional[float]) -> Sequence[Any]:
+    """The real ``Waiter``: gevent's wait for the first ready object; a plain
+    cooperative sleep when there are no objects."""
+    if not objects:
+        gevent.sleep(timeout or 0)
+        return []
+    return gevent.wait(objects, timeout=timeout, count=1)
+
+
+@dataclasses.dataclass
+class Seams:
+    """The operating system as a session sees it: the clock, waiting,
+    forking and signalling a process group.  Tests substitute fakes."""
+
+    clock: Callable[[], float] = time.monotonic
+    wait: Waiter = wait_any
+    popen: Callable[..., Any] = subprocess.Popen
+    killpg: Callable[[int, int], None] = os.killpg
+    kill: Callable[[int, int], None] = os.kill
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants (stapbpf after its stap died) our children,
+    so gevent's child watcher reaps them and stops can wait for them."""
+    return bool(_prctl) and _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _child_setup_for(parent_pid: int) -> Callable[[], None]:
+    """A preexec_fn for children of PARENT_PID.
+
+    Runs in the forked child before exec: async-signal-safe calls only (the
+    libc handle was loaded before the fork; nothing here touches gevent).
+    SIGTERM rather than SIGKILL is the death signal because stap forwards it
+    to stapbpf/staprun and removes its module directory; a SIGKILLed stap
+    would orphan them.
+    """
+    def setup():
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            # The parent may have died between fork() and prctl(): the death
+            # signal would then never come.
+            if os.getppid() != parent_pid:
+                os._exit(1)
+    return setup
+
+
+_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7f]}
+
+
+def escape_line(text: str) -> str:
+    """Control characters as escapes, so a line cannot forge log lines."""
+    return text.translate(_ESCAPES)
+
+
+class ChildRun:
+    """One process of one script, from spawn to reaping."""
+
+    def __init__(self, script: Script, stderr_tail: Deque[str], seams: Seams):
+        self.name = script.name
+        self.module = script.module
+        self.stderr_tail = stderr_tail  # the session's: stderr lines are added to it
+        self._os = seams
+        self.proc = None
+        self.workdir: Optional[str] = None
+        self._pumps: List[gevent.Greenlet] = []
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.proc.returncode
+
+    @property
+    def result(self):
+        """Ready once the process has exited (gevent's ``Popen.result``)."""
+        return self.proc.result
+
+    def exited(self) -> bool:
+        return self.proc.result.ready()
+
+    def spawn(self, argv: List[str], workdir_root: str) -> None:
+        """Fork ARGV in a fresh private working directory under WORKDIR_ROOT
+        and start pumping its output.  Raises OSError (and removes the
+        directory) when it cannot."""
+        try:
+            self.workdir = tempfile.mkdtemp(prefix=naming.workdir_prefix(os.getpid(), self.module),
+                                            dir=workdir_root)
+            env = dict(os.environ)
+            env["TMPDIR"] = self.workdir  # stap's own temporary files go there too
+            self.proc = self._os.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=self.workdir, env=env,
+                                    close_fds=True, start_new_session=True,
+                                    preexec_fn=_child_setup_for(os.getpid()))
+        except OSError:
+            self.remove_workdir()
+            raise
+        self._pumps = [gevent.spawn(self._pump, self.proc.stderr, True),
+                       gevent.spawn(self._pump, self.proc.stdout, False)]
+
+    def _pump(self, stream, is_stderr: bool) -> None:
+        """Log a child's output line by line; keep stderr's tail.  Reads the
+        pipe in chunks, cooperatively, and yields between chunks, so neither
+        a chatty child (never blocked on a full pipe) nor its output (never
+        hogging the hub) holds anything up.  Stdout is only split into lines
+        when debug logging will show it."""
+        pid = self.pid
+        fd = stream.fileno()
+        gevent.os.make_nonblocking(fd)
+        pending = b""
+        try:
+            while True:
+                chunk = gevent.os.nb_read(fd, PIPE_CHUNK)
+                if not chunk:
+                    break
+                if not is_stderr and not log.isEnabledFor(logging.DEBUG):
+                    continue
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                if len(pending) > MAX_LINE:
+                    lines.append(pending[:MAX_LINE])
+                    pending = b""
+                for line in lines:
+                    self._log_output_line(line[:MAX_LINE], is_stderr, pid)
+                gevent.sleep(0)
+            if pending:
+                self._log_output_line(pending[:MAX_LINE], is_stderr, pid)
+        except OSError:
+            return
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def _log_output_line(self, line: bytes, is_stderr: bool, pid) -> None:
+        text = escape_line(line.decode("utf-8", "replace").rstrip("\r"))
+        if is_stderr:
+            self.stderr_tail.append(text)
+            log.info("stderr: script=%s pid=%s %s", self.name, pid, text)
+        else:
+            log.debug("stdout: script=%s pid=%s %s", self.name, pid, text)
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the process group; False when it is gone."""
+        if self.proc is None:
+            return False
+        try:
+            self._os.killpg(self.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def signal_leader(self, sig: int) -> None:
+        """Signal the group leader alone.  It is our unreaped child (checked
+        without yielding to the hub, whose child watcher reaps it), so its
+        pid cannot have been reused."""
+        if self.proc is None or self.exited():
+            return
+        try:
+            self._os.kill(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def terminate(self, grace: float) -> None:
+        """SIGTERM the group leader, and SIGKILL the group if the leader is
+        still there after GRACE seconds; returns once it exited (or KILL_WAIT
+        passed).  The leader alone at first: stap forwards the signal to its
+        loader (stapbpf/staprun), and a loader signalled twice can abort its
+        ``probe end`` handlers ("received interrupt during exit probe",
+        signal 6).  What is left of the group is stopped after the leader
+        (``reap``)."""
+        self.signal_leader(signal.SIGTERM)
+        self._os.wait([self.result], grace)
+        if not self.exited():
+            log.warning("kill: script=%s pid=%d did not stop within %g s; sending SIGKILL",
+                        self.name, self.pid, grace)
+            self.signal_group(signal.SIGKILL)
+            self._os.wait([self.result], KILL_WAIT)
+
+    def reap(self, grace: float) -> None:
+        """After the leader is gone: drain the output pumps, then give what is
+        left of its group (a wrapper's children) GRACE seconds to stop
+        cleanly, then kill it."""
+        self._join_pumps()
+        if not self.signal_group(signal.SIGTERM):
+            return
+        deadline = self._os.clock() + grace
+        while self._os.clock() < deadline:
+            self._os.wait((), STRAGGLER_POLL)
+            if not self.signal_group(0):
+                return
+        log.warning("kill: script=%s process group %d outlived its leader; sending SIGKILL",
+                    self.name, self.pid)
+        self.signal_group(signal.SIGKILL)
+
+    def _join_pumps(self) -> None:
+        gevent.joinall(self._pumps, timeout=PUMP_JOIN)
+        for g in self._pumps:
+            g.kill(block=False)
+        self._pumps = []
+
+    def remove_workdir(self) -> None:
+        if self.workdir:
+            rmtree(self.workdir)
+            self.workdir = None
+
+
+def stop_budget(grace: float) -> float:
+    """The longest a stop can take: SIGTERM grace and the SIGKILL wait for
+    the leader, the pumps' drain, then the grace again for what is left of
+    the process group."""
+    return grace + KILL_WAIT + PUMP_JOIN + grace
+
+
+def remove_module_dirs(module: str, procfs_dirs: List[str]) -> List[str]:
+    """Remove MODULE's directories outside /proc (whose entries belong to the
+    kernel); returns what was removed."""
+    removed = []
+    for directory in procfs.module_dirs(module, procfs_dirs):
+        if not naming.kernel_owned(directory) and rmtree(directory):
+            removed.append(directory)
+    return removed
+
+
+def rmtree(path: str) -> bool:
+    """trust.remove_tree in the hub's thread pool (no link followed, nothing
+    foreign removed, any depth); True if PATH was removed.  Errors are logged,
+    never raised: clean-up must not end a watchdog."""
+    try:
+        error = gevent.get_hub().threadpool.apply(trust.try_remove_tree, (path,))
+        if error is not None:
+            raise error
+        return True
+    except FileNotFoundError:
+        pass
+    except trust.Untrusted as exc:
+        log.warning("cleanup: refused to remove %s; left alone", escape_line(str(exc)))
+    except OSError as exc:
+        log.warning("cleanup: cannot remove %s: %s", escape_line(path), exc.strerror)
+    except Exception as exc:  # noqa: BLE001 -- clean-up must never end a watchdog
+        log.warning("cleanup: cannot remove %s: %s", escape_line(path), exc)
+    return False

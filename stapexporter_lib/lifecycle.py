@@ -1,0 +1,382 @@
+"""One script's lifecycle: the state machine and its policy -- when to start,
+stop, back off and restart a script's process.
+
+``Lifecycle`` (the base of ``session.Session``) owns at most one
+``child.ChildRun`` at a time.  Every state change goes through
+``Lifecycle._transition``, which checks it against ``states.TRANSITIONS``.  One
+watchdog greenlet per live script waits for whichever comes first -- the
+child's exit, the keepalive deadline, or a stop request -- and acts on it; it
+also sleeps through an autostart script's backoff and restarts it.  What a
+start runs comes from ``launch.Launch``; each run's output location is reset
+on the ``reader.OutputReader``.
+
+The clock, the waits, the process launcher and the group signal are
+injectable, so tests drive the state machine with a fake clock and a fake
+process.
+
+Owns the state, the counters, the timing and the watchdog.  Must not know
+about HTTP or answer scrapes (``session.py``), fork or signal processes itself
+(``child.py``), or read output files (``reader.py``/``procfs.py``).
+"""
+
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Callable, Deque, List, Optional
+
+import gevent
+import gevent.event
+from gevent import subprocess
+
+from . import trust
+from .catalog import Script
+from .child import (ChildRun, Seams, Waiter, escape_line, remove_module_dirs, stop_budget,
+                    wait_any)
+from .launch import Launch
+from .reader import OutputReader
+from .states import (BACKOFF, FAILED, RUNNING, STARTABLE_STATES, STARTING, STOPPED, STOPPING,
+                     TRANSITIONS)
+
+log = logging.getLogger("stap-exporter")
+
+# Lines of a script's standard error kept for error pages and the index.
+STDERR_TAIL = 20
+
+# How a script trust refusal starts (to know when one is fixed), and how many
+# distinct refusals a session remembers (each is logged once).
+SCRIPT_REFUSAL = "refused to run "
+MAX_REFUSALS_REMEMBERED = 64
+
+# Backoff for autostart scripts that exit: 1 s doubling to 60 s, back to 1 s
+# once a run has lasted BACKOFF_RESET seconds.
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 60.0
+BACKOFF_RESET = 30.0
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    """What a session needs from the exporter's configuration (built by
+    ``server.Exporter`` from ``cli.Config``; no defaults of its own)."""
+
+    stap: List[str]
+    procfs_dirs: List[str]
+    keepalive: Optional[float]
+    start_wait: float
+    stop_grace: float
+    workdir_root: str
+    max_output: int
+    module_cache: object  # compiled.ModuleCache, or None
+    insecure_scripts: bool  # skip the script trust checks (--insecure-scripts)
+
+
+class Backoff:
+    """When an autostart script that exited is restarted (the delays above)."""
+
+    def __init__(self):
+        self._next = BACKOFF_FIRST
+
+    def reset(self) -> None:
+        self._next = BACKOFF_FIRST
+
+    def delay(self, uptime: float) -> float:
+        """The delay before the restart after a run of UPTIME seconds."""
+        if uptime >= BACKOFF_RESET:
+            self._next = BACKOFF_FIRST
+        delay = self._next
+        self._next = min(self._next * 2, BACKOFF_CAP)
+        return delay
+
+
+def describe_exit(returncode: Optional[int]) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal %d" % -returncode
+        return "killed by %s" % name
+    return "exit status %d" % returncode
+
+
+class Lifecycle:
+    """The process side of one script's session: its state, its runs, and the
+    watchdog that moves it from state to state."""
+
+    def __init__(self, script: Script, config: SessionConfig,
+                 clock: Callable[[], float] = time.monotonic,
+                 popen=subprocess.Popen, wait: Waiter = wait_any,
+                 killpg: Callable[[int, int], None] = os.killpg,
+                 kill: Callable[[int, int], None] = os.kill):
+        self.script = script
+        self.config = config
+        self.clock = clock
+        self._os = Seams(clock=clock, wait=wait, popen=popen, killpg=killpg, kill=kill)
+        self.state = STOPPED
+        self._run: Optional[ChildRun] = None
+        self.started_at: Optional[float] = None  # clock() of the last spawn
+        self.starts = 0
+        self.restarts = 0
+        self.exits = collections.Counter()  # outcome -> count
+        self.last_error: Optional[str] = None
+        self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self.last_request = clock()
+        self.backoff_until: Optional[float] = None
+        self._backoff = Backoff()
+        self._stop_requested = False
+        self._wake = gevent.event.Event()
+        self._changed = gevent.event.Event()
+        self._watchdog: Optional[gevent.Greenlet] = None
+        self._launch = Launch(script, config.stap, config.module_cache)
+        self._reader = OutputReader(script, config.procfs_dirs, config.max_output, clock)
+        self._produced = False  # this run's output has been read
+        self._refusals_logged = set()  # trust refusals logged (once per cause)
+
+    @property
+    def name(self) -> str:
+        return self.script.name
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._run.pid if self._run is not None else None
+
+    @property
+    def last_output_bytes(self) -> int:
+        return self._reader.last_output_bytes
+
+    @property
+    def live(self) -> bool:
+        """True while a process exists or a restart is pending."""
+        return self._watchdog is not None
+
+    def uptime(self) -> Optional[float]:
+        if self.state in (STARTING, RUNNING) and self.started_at is not None:
+            return self.clock() - self.started_at
+        return None
+
+    def touch(self) -> None:
+        """A request arrived: reset the keepalive clock."""
+        self.last_request = self.clock()
+
+    def start(self) -> None:
+        """Start the script if it is stopped (or failed); otherwise nothing.
+        The process is spawned by the session's watchdog greenlet."""
+        if self.state not in STARTABLE_STATES:
+            return
+        self._stop_requested = False
+        self._backoff.reset()
+        self._transition(STARTING)
+        self._watchdog = gevent.spawn(self._watch)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop the script (SIGTERM, then SIGKILL after the grace) and wait
+        for it, at most TIMEOUT seconds (default: the stop budget)."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            return
+        self._stop_requested = True
+        self._wake.set()
+        watchdog.join(timeout if timeout is not None else self.stop_budget())
+
+    def stop_budget(self) -> float:
+        """The longest a stop can take (see ``child.stop_budget``)."""
+        return stop_budget(self.config.stop_grace)
+
+    def script_refusal(self) -> Optional[str]:
+        """None if the script file may run as root now, else why not (it is
+        checked before every start: the file may change while we run).
+        Shown on the index page as the last error while it lasts."""
+        if self.config.insecure_scripts:
+            return None
+        refusal = trust.script_refusal(self.script.path)
+        if refusal:
+            refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, refusal)
+            self.last_error = refusal
+        elif self.last_error and self.last_error.startswith(SCRIPT_REFUSAL):
+            self.last_error = None  # fixed since
+        return refusal
+
+    def note_refusal(self, message: str) -> None:
+        """A trust refusal: shown as the last error, logged once per cause."""
+        self.last_error = message
+        if message not in self._refusals_logged:
+            if len(self._refusals_logged) >= MAX_REFUSALS_REMEMBERED:
+                self._refusals_logged.clear()
+            self._refusals_logged.add(message)
+            log.warning("refused: script=%s %s", self.name, escape_line(message))
+
+    def _transition(self, new: str) -> None:
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise RuntimeError("%s: invalid transition %s -> %s" % (self.name, old, new))
+        self.state = new
+        log.debug("state: script=%s %s -> %s", self.name, old, new)
+        changed, self._changed = self._changed, gevent.event.Event()
+        changed.set()
+
+    # -- in the watchdog greenlet -------------------------------------------
+
+    def _spawn(self) -> None:
+        """Fork the process of a STARTING session.  On failure to spawn:
+        FAILED (or BACKOFF for autostart)."""
+        self._reader.new_run()
+        self._produced = False
+        self.stderr_tail.clear()
+        if self._refused_to_spawn():
+            return
+        # A stale FIFO from an earlier run that died unseen would be read
+        # instead of the new one (and never answer): start from a clean slate.
+        for directory in remove_module_dirs(self.script.module, self.config.procfs_dirs):
+            log.warning("stale: script=%s removed %s left by an earlier run", self.name,
+                        directory)
+        self._reader.annotator = self._launch.read_script()
+        argv = self._launch.argv()
+        run = ChildRun(self.script, self.stderr_tail, self._os)
+        # Checked again right before the exec: the file is run by name.
+        if self._refused_to_spawn():
+            return
+        try:
+            run.spawn(argv, self.config.workdir_root)
+        except OSError as exc:
+            message = "cannot run %s: %s" % (argv[0], exc.strerror or exc)
+            log.error("spawn-failed: script=%s %s", self.name, message)
+            self._spawn_failed(message)
+            return
+        self._run = run
+        self.started_at = self.clock()
+        self.starts += 1
+        self.last_error = None
+        log.info("spawned: script=%s pid=%d module=%s argv=%s", self.name, run.pid,
+                 self.script.module, escape_line(" ".join(argv)))
+
+    def _refused_to_spawn(self) -> bool:
+        """True (and the start failed) if the script file is not trusted."""
+        refusal = self.script_refusal()
+        if refusal:
+            self.note_refusal(refusal)
+            self._spawn_failed(refusal)
+        return bool(refusal)
+
+    def _spawn_failed(self, message: str) -> None:
+        self.last_error = message
+        self.stderr_tail.append(message)
+        self.exits["spawn_error"] += 1
+        self._after_exit(uptime=0.0)
+
+    def _watch(self) -> None:
+        try:
+            while True:
+                if self.state == BACKOFF:
+                    if self._sleep_backoff():
+                        self._transition(STOPPED)
+                        return
+                    self.restarts += 1
+                    self._transition(STARTING)
+                if self.state == STARTING and self._run is None:
+                    self._spawn()
+                    continue
+                if self.state not in (STARTING, RUNNING):
+                    return
+                event = self._wait_live()
+                if event == "exit":
+                    self._handle_exit()
+                else:
+                    self._terminate(event)
+        except BaseException:
+            log.exception("watchdog-crashed: script=%s", self.name)
+            if self._run is not None:
+                self._run.signal_group(signal.SIGKILL)
+            raise
+        finally:
+            self._watchdog = None
+            self._wake.clear()
+
+    def _wait_live(self) -> str:
+        """Block until the process exits ("exit"), a stop is requested
+        ("stop"), or the keepalive period passes without requests ("idle")."""
+        keepalive = self.config.keepalive
+        while True:
+            if self._stop_requested:
+                return "stop"
+            timeout = None
+            if keepalive is not None and not self.script.autostart:
+                timeout = self.last_request + keepalive - self.clock()
+                if timeout <= 0:
+                    return "idle"
+            self._os.wait([self._run.result, self._wake], timeout)
+            if self._run.exited() and not self._stop_requested:
+                return "exit"
+            self._wake.clear()
+
+    def _sleep_backoff(self) -> bool:
+        """Sleep until the backoff ends; True if a stop came first."""
+        while not self._stop_requested:
+            remaining = (self.backoff_until or 0) - self.clock()
+            if remaining <= 0:
+                return False
+            self._os.wait([self._wake], remaining)
+            self._wake.clear()
+        return True
+
+    def _handle_exit(self) -> None:
+        run = self._run
+        uptime = self.clock() - (self.started_at or self.clock())
+        if self._launch.from_cache and not self._produced and not self._stop_requested:
+            # The kept module would not run (a changed kernel or runtime, say):
+            # forget it and compile afresh, without bothering the client.
+            log.warning("cache: script=%s pid=%d compiled module failed (%s); recompiling",
+                        self.name, run.pid, describe_exit(run.returncode))
+            self._launch.drop_kept()
+            self._end_run()
+            return  # still STARTING: the watchdog spawns the full compile
+        self._end_run()
+        self.last_error = describe_exit(run.returncode)
+        self.exits["error" if run.returncode != 0 else "exited"] += 1
+        log.warning("exited: script=%s pid=%d (%s; not expected)", self.name, run.pid,
+                    self.last_error)
+        self._after_exit(uptime)
+
+    def _after_exit(self, uptime: float) -> None:
+        if self.script.autostart and not self._stop_requested:
+            delay = self._backoff.delay(uptime)
+            self.backoff_until = self.clock() + delay
+            log.info("backoff: script=%s restarting in %.0f s after %s", self.name, delay,
+                     self.last_error)
+            self._transition(BACKOFF)
+        else:
+            self._transition(FAILED)
+
+    def _terminate(self, reason: str) -> None:
+        run = self._run
+        self._transition(STOPPING)
+        log.info("stopping: script=%s pid=%d reason=%s", self.name, run.pid,
+                 "idle for %gs" % self.config.keepalive if reason == "idle" else reason)
+        run.terminate(self.config.stop_grace)
+        self._end_run()
+        self.exits["stopped"] += 1
+        log.info("stopped: script=%s pid=%d (%s)", self.name, run.pid,
+                 describe_exit(run.returncode))
+        self._transition(STOPPED)
+
+    def _end_run(self) -> None:
+        """What every end of a run needs, whatever ended it: drain the output
+        pumps, stop what is left of the process group, keep the compiled
+        module if it is worth keeping (not when stopping for good: no next
+        start to speed up), remove the run's files (the working directory and
+        any module directory the runtime failed to remove, like the BPF
+        runtime's FIFO directory after a SIGKILL), and forget the process."""
+        run = self._run
+        run.reap(self.config.stop_grace)
+        if self._produced and not self._stop_requested:
+            self._launch.keep_compiled(run.workdir)
+        run.remove_workdir()
+        remove_module_dirs(self.script.module, self.config.procfs_dirs)
+        self._reader.path = None
+        self._run = None
+
+    def _tail_text(self) -> str:
+        return "\n".join(self.stderr_tail)

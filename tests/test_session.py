@@ -1,0 +1,415 @@
+"""The session's state machine in-process, on a virtual clock with a fake
+process: backoff doubling and reset, keepalive deadlines, stop escalation,
+the single-flight read, the manager's caps.  Fast and exact: no real time
+passes between events, no real process is started or signalled.
+
+The end-to-end tests (test_lifecycle.py) check the same behaviour once with
+real processes; these cover the timing rules that would otherwise need
+seconds of real time per case."""
+
+import collections
+import logging
+import os
+import signal
+import sys
+
+import gevent
+import gevent.event
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+from stapexporter_lib import procfs  # noqa: E402
+from stapexporter_lib.catalog import Script  # noqa: E402
+from stapexporter_lib.manager import Manager  # noqa: E402
+from stapexporter_lib.reader import OutputReader  # noqa: E402
+from stapexporter_lib.session import Outcome, Session, SessionConfig  # noqa: E402
+
+# Fake pids lie above the kernel's largest pid (4194304): never a real process.
+FIRST_FAKE_PID = 5_000_000
+# Real seconds a test waits for the greenlets to catch up with an event.
+SETTLE = 5.0
+
+
+class VirtualTime:
+    """A clock that moves only when the test says so, and the session's
+    ``wait`` on that clock: a wait ends when one of its objects is ready or
+    when the clock has been advanced past its timeout."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self._tick = gevent.event.Event()
+
+    def clock(self):
+        return self.now
+
+    def wait(self, objects, timeout=None):
+        deadline = None if timeout is None else self.now + timeout
+        while True:
+            ready = [o for o in objects if o.ready()]
+            if ready:
+                return ready
+            if deadline is not None and self.now >= deadline:
+                return []
+            gevent.wait(list(objects) + [self._tick], count=1)
+
+    def advance(self, seconds):
+        self.now += seconds
+        tick, self._tick = self._tick, gevent.event.Event()
+        tick.set()
+        gevent.sleep(0)
+
+
+def settle(predicate, message="condition"):
+    """Let the greenlets run until PREDICATE holds (real deadline)."""
+    with gevent.Timeout(SETTLE, AssertionError("never came true: %s" % message)):
+        while not predicate():
+            gevent.sleep(0.001)
+
+
+class FakeProc:
+    """A process as gevent's Popen shows it, with real pipes for its output."""
+
+    def __init__(self, pid, argv, kwargs):
+        self.pid = pid
+        self.argv = argv
+        self.kwargs = kwargs
+        self.returncode = None
+        self.result = gevent.event.AsyncResult()
+        self.ignore_term = False
+        self.stragglers = False  # other members of its group outlive it
+        out_r, self._out_w = os.pipe()
+        err_r, self._err_w = os.pipe()
+        self.stdout = os.fdopen(out_r, "rb", buffering=0)
+        self.stderr = os.fdopen(err_r, "rb", buffering=0)
+
+    def say(self, line):
+        os.write(self._err_w, line.encode() + b"\n")
+
+    def exit(self, code):
+        if self.returncode is None:
+            os.close(self._out_w)
+            os.close(self._err_w)
+            self.returncode = code
+            self.result.set(code)
+
+    def exited(self):
+        return self.result.ready()
+
+    def group_alive(self):
+        return self.returncode is None or self.stragglers
+
+
+class FakeOS:
+    """popen and killpg for sessions: records every spawn and signal."""
+
+    def __init__(self):
+        self.procs = collections.OrderedDict()  # pid -> FakeProc
+        self.signals = []                       # (pid, signal)
+        self.leader_signals = []                # (pid, signal) to the leader alone
+
+    def popen(self, argv, **kwargs):
+        pid = FIRST_FAKE_PID + len(self.procs)
+        proc = self.procs[pid] = FakeProc(pid, argv, kwargs)
+        return proc
+
+    def kill(self, pid, sig):
+        """The group leader alone; recorded in both lists."""
+        self.leader_signals.append((pid, sig))
+        self.killpg(pid, sig)
+
+    def killpg(self, pgid, sig):
+        proc = self.procs[pgid]  # a KeyError here would be a real pid: a bug
+        self.signals.append((pgid, sig))
+        if not proc.group_alive():
+            raise ProcessLookupError(pgid)
+        if sig == signal.SIGKILL:
+            proc.stragglers = False
+            proc.exit(-signal.SIGKILL)
+        elif sig == signal.SIGTERM and not proc.ignore_term:
+            proc.exit(-signal.SIGTERM)
+
+    @property
+    def last(self):
+        return next(reversed(self.procs.values()))
+
+
+@pytest.fixture
+def world(tmp_path):
+    """(make_session, VirtualTime, FakeOS, procfs dir); every session is
+    stopped at the end."""
+    vt, fake = VirtualTime(), FakeOS()
+    procfs_dir = tmp_path / "procfs"
+    procfs_dir.mkdir()
+    sessions = []
+
+    def make(name="a.stp", keepalive=None, stop_grace=5.0, start_wait=1.0, popen=None):
+        path = tmp_path / name
+        path.write_text("probe begin {}\n")
+        script = Script(name, str(path), "stapexp_1_" + name.split(".")[0].replace("-", "_"))
+        config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
+                               keepalive=keepalive, start_wait=start_wait,
+                               stop_grace=stop_grace, workdir_root=str(tmp_path),
+                               max_output=procfs.DEFAULT_MAX_BYTES, module_cache=None,
+                               insecure_scripts=False)
+        session = Session(script, config, clock=vt.clock, popen=popen or fake.popen,
+                          wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
+        sessions.append(session)
+        return session
+    yield make, vt, fake, procfs_dir
+    for session in sessions:
+        if session._watchdog is not None:
+            session._watchdog.kill(block=True, timeout=SETTLE)
+
+
+def spawned(fake, count):
+    settle(lambda: len(fake.procs) >= count, "%d spawns" % count)
+    return fake.last
+
+
+def test_backoff_doubles_to_the_cap_and_resets_after_a_long_run(world):
+    make, vt, fake, _ = world
+    s = make("crash-autostart.stp")
+    s.start()
+    delays = []
+    for n in range(1, 10):
+        spawned(fake, n).exit(1)
+        settle(lambda: s.state == "backoff", "backoff")
+        delays.append(s.backoff_until - vt.now)
+        assert len(fake.procs) == n  # nothing restarts before the delay ends
+        vt.advance(delays[-1] - 0.001)
+        assert s.state == "backoff" and len(fake.procs) == n
+        vt.advance(0.001)
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert s.restarts == 9 and s.exits["error"] == 9
+    # A run of 30 s or more starts the backoff afresh.
+    proc = spawned(fake, 10)
+    vt.advance(30)
+    proc.exit(1)
+    settle(lambda: s.state == "backoff", "backoff")
+    assert s.backoff_until - vt.now == 1
+    assert s.last_error == "exit status 1"
+
+
+def test_a_stop_during_backoff_ends_it_at_once(world):
+    make, vt, fake, _ = world
+    s = make("crash-autostart.stp")
+    s.start()
+    spawned(fake, 1).exit(1)
+    settle(lambda: s.state == "backoff", "backoff")
+    s.stop(timeout=SETTLE)
+    assert s.state == "stopped" and not s.live and len(fake.procs) == 1
+
+
+def test_keepalive_stops_a_script_idle_for_the_period_and_requests_reset_it(world):
+    make, vt, fake, _ = world
+    s = make(keepalive=10)
+    s.start()
+    proc = spawned(fake, 1)
+    for _ in range(3):  # a request every 9.9 s keeps it running
+        vt.advance(9.9)
+        assert not fake.signals and s.state == "starting"
+        s.touch()
+    vt.advance(9.9)
+    assert not fake.signals
+    vt.advance(0.2)
+    settle(lambda: s.state == "stopped", "keepalive stop")
+    assert fake.signals == [(proc.pid, signal.SIGTERM), (proc.pid, signal.SIGTERM)]  # leader, group
+    assert s.exits["stopped"] == 1 and s.pid is None and not s.live
+
+
+@pytest.mark.parametrize("name,keepalive", [("a.stp", None), ("x-autostart.stp", 1)])
+def test_without_keepalive_or_for_autostart_scripts_nothing_stops(world, name, keepalive):
+    make, vt, fake, _ = world
+    s = make(name, keepalive=keepalive)
+    s.start()
+    spawned(fake, 1)
+    vt.advance(10 ** 6)
+    gevent.sleep(0.01)
+    assert not fake.signals and s.state == "starting" and s.live
+
+
+def stop_running(world, **behaviour):
+    """Start a session (stop_grace 5 s) whose process has BEHAVIOUR, then
+    stop it in a greenlet; returns (session, process, stopping greenlet)."""
+    make, _, fake, _ = world
+    s = make(stop_grace=5)
+    s.start()
+    proc = spawned(fake, 1)
+    for key, value in behaviour.items():
+        setattr(proc, key, value)
+    return s, proc, gevent.spawn(s.stop)
+
+
+def test_stop_escalates_from_sigterm_to_sigkill_after_the_grace(world, caplog):
+    _, vt, fake, _ = world
+    s, proc, stopper = stop_running(world, ignore_term=True)
+    settle(lambda: fake.signals, "SIGTERM")
+    assert fake.signals == [(proc.pid, signal.SIGTERM)] and s.state == "stopping"
+    assert fake.leader_signals == [(proc.pid, signal.SIGTERM)]  # the leader first, alone
+    vt.advance(4.9)
+    assert fake.signals == [(proc.pid, signal.SIGTERM)]
+    with caplog.at_level(logging.INFO, logger="stap-exporter"):
+        vt.advance(0.1)
+        stopper.join(SETTLE)
+    assert fake.signals[1] == (proc.pid, signal.SIGKILL)
+    assert s.state == "stopped" and proc.returncode == -signal.SIGKILL
+    assert "did not stop within 5 s; sending SIGKILL" in caplog.text
+    assert "(killed by SIGKILL)" in caplog.text
+
+
+def test_group_members_outliving_the_leader_get_the_grace_then_sigkill(world, caplog):
+    _, vt, fake, _ = world
+    s, proc, stopper = stop_running(world, stragglers=True)
+    settle(lambda: proc.returncode is not None and len(fake.signals) >= 2, "group SIGTERM")
+    assert fake.signals[:2] == [(proc.pid, signal.SIGTERM)] * 2
+    vt.advance(4.9)
+    gevent.sleep(0.01)
+    assert signal.SIGKILL not in [sig for _, sig in fake.signals]
+    with caplog.at_level(logging.WARNING, logger="stap-exporter"):
+        vt.advance(0.2)
+        stopper.join(SETTLE)
+    assert fake.signals[-1] == (proc.pid, signal.SIGKILL)
+    assert "outlived its leader; sending SIGKILL" in caplog.text
+    assert s.state == "stopped"
+
+
+def test_exit_of_an_on_demand_script_is_reported_once_with_its_stderr(world):
+    make, vt, fake, _ = world
+    s = make()
+    s.start()
+    proc = spawned(fake, 1)
+    proc.say("semantic error: no such probe")
+    proc.exit(1)
+    settle(lambda: s.state == "failed", "failed")
+    outcome = s.scrape(5)
+    assert outcome.kind == Outcome.FAILED
+    assert "exit status 1" in outcome.message and "semantic error: no such probe" in outcome.message
+    assert s.state == "stopped"
+
+
+def test_a_scrape_of_a_starting_script_waits_start_wait_then_serves_the_output(world):
+    make, vt, fake, procfs_dir = world
+    s = make(start_wait=1.0)
+    scrape = gevent.spawn(s.scrape, 5)
+    spawned(fake, 1)
+    vt.advance(0.9)
+    assert not scrape.ready()
+    vt.advance(0.1)
+    outcome = scrape.get(timeout=SETTLE)
+    assert (outcome.kind, outcome.retry_after) == (Outcome.NOT_READY, 2)
+    module_dir = procfs_dir / s.script.module
+    module_dir.mkdir()
+    (module_dir / "__prometheus").write_bytes(b"up 1\nbad{x=\"\xff\"} 2")
+    outcome = s.scrape(5)
+    assert outcome.kind == Outcome.OK and s.state == "running"
+    assert outcome.body == "up 1\nbad{x=\"\ufffd\"} 2\n".encode()  # repaired and completed
+    assert s.last_output_bytes == len(outcome.body)
+
+
+def test_spawn_failure_of_an_on_demand_script_fails_it(world):
+    make, vt, fake, _ = world
+
+    def refuse(argv, **kw):
+        raise FileNotFoundError(2, "No such file or directory")
+    s = make(popen=refuse)
+    s.start()
+    settle(lambda: s.state == "failed", "failed")
+    assert s.exits["spawn_error"] == 1
+    assert s.last_error == "cannot run /nonexistent/stap: No such file or directory"
+
+
+# -- the single-flight read ------------------------------------------------------
+
+
+class GatedRead:
+    """procfs.read_output stand-in: counts calls, answers when released."""
+
+    def __init__(self):
+        self.calls = 0
+        self.gate = gevent.event.AsyncResult()
+
+    def __call__(self, path, timeout, max_bytes, clock):
+        self.calls += 1
+        return self.gate.get(timeout=timeout)
+
+
+def reader_with(read):
+    script = Script("a.stp", "/nonexistent/a.stp", "stapexp_1_a")
+    reader = OutputReader(script, [], procfs.DEFAULT_MAX_BYTES, lambda: 0.0, read=read)
+    reader.path = "/nonexistent/__prometheus"
+    return reader
+
+
+def test_concurrent_reads_share_one_read():
+    read = GatedRead()
+    reader = reader_with(read)
+    readers = [gevent.spawn(reader.read, 5, None) for _ in range(10)]
+    gevent.sleep(0)
+    assert read.calls == 1
+    read.gate.set(b"up 1")
+    assert [g.get(timeout=SETTLE) for g in readers] == [b"up 1\n"] * 10
+    # The next read is a new one.
+    read.gate = gevent.event.AsyncResult()
+    read.gate.set(b"up 2\n")
+    assert reader.read(5, None) == b"up 2\n" and read.calls == 2
+
+
+def test_a_failed_read_fails_every_waiter_and_the_next_read_tries_again():
+    read = GatedRead()
+    reader = reader_with(read)
+    readers = [gevent.spawn(reader.read, 5, None) for _ in range(3)]
+    gevent.sleep(0)
+    read.gate.set_exception(procfs.OutputError("cannot read output FIFO: I/O error"))
+    for g in readers:
+        with pytest.raises(procfs.OutputError, match="I/O error"):
+            g.get(timeout=SETTLE)
+    assert read.calls == 1
+    read.gate = gevent.event.AsyncResult()
+    read.gate.set(b"up 1\n")
+    assert reader.read(5, None) == b"up 1\n" and read.calls == 2
+
+
+def test_output_cut_short_by_an_exit_is_an_error():
+    read = GatedRead()
+    read.gate.set(b"up 1\nhal")
+    reader = reader_with(read)
+    run = FakeProc(FIRST_FAKE_PID, [], {})
+    gevent.spawn_later(0.01, run.exit, 0)
+    with pytest.raises(procfs.OutputError, match="exited while writing"):
+        reader.read(5, run)
+
+
+# -- the manager's caps, with sessions on the fake process ---------------------------
+
+
+def test_manager_caps_refuse_starts_with_busy(world, tmp_path):
+    make, vt, fake, procfs_dir = world
+    from stapexporter_lib.catalog import Catalog
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("a.stp", "b.stp"):
+        (scripts / name).write_text("probe begin {}\n")
+    catalog = Catalog(str(scripts), pid=1)
+    config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
+                           keepalive=None, start_wait=0.5, stop_grace=5.0,
+                           workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
+                           module_cache=None, insecure_scripts=False)
+
+    def factory(script, config, clock, admit):
+        return Session(script, config, clock=clock, admit=admit, popen=fake.popen,
+                       wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
+    manager = Manager(catalog, config, max_running=2, max_starting=1, clock=vt.clock,
+                      session_factory=factory)
+    manager.start()
+    first = gevent.spawn(manager.get("a.stp").scrape, 5)
+    spawned(fake, 1)
+    busy = manager.get("b.stp").scrape(5)
+    assert busy.kind == Outcome.BUSY and busy.retry_after == 5
+    assert "1 scripts are starting" in busy.message and "--max-starting" in busy.message
+    vt.advance(0.5)
+    assert first.get(timeout=SETTLE).kind == Outcome.NOT_READY
+    assert len(fake.procs) == 1
+    assert manager.shutdown(timeout=SETTLE)
+    assert manager.get("a.stp").state == "stopped"
