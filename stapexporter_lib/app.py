@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 from . import __version__
 from .catalog import valid_name
-from .session import Outcome, Session, escape_line
+from .logs import escape_line
+from .session import Outcome, Session
 from .webconfig import CHALLENGE
 
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"

@@ -70,6 +70,8 @@ Options:
   --header-timeout SECONDS  Time a client gets to send its request line and
                             headers; also how long an idle keep-alive
                             connection is kept [default: 30].
+  --send-timeout SECONDS    Drop a client that reads nothing of a response
+                            for SECONDS [default: 10].
   --recompile               Compile a script afresh on every start instead of
                             rerunning the module compiled by its last run.
   --web-config FILE         TLS and basic-auth settings, in the Prometheus
@@ -105,7 +107,7 @@ class Config:
                  follow_symlinks: bool = False, max_scripts: int = 256, max_starting: int = 4,
                  max_connections: int = 512, header_timeout: float = 30.0,
                  web_config: Optional[str] = None, recompile: bool = False,
-                 scrape_timeout: float = 5.0):
+                 scrape_timeout: float = 5.0, send_timeout: float = 10.0):
         self.port = port
         self.keepalive = keepalive
         self.scripts_dir = scripts_dir
@@ -125,6 +127,7 @@ class Config:
         self.web_config = web_config
         self.recompile = recompile
         self.scrape_timeout = scrape_timeout
+        self.send_timeout = send_timeout
 
     def __repr__(self):
         return "Config(%r)" % self.__dict__
@@ -149,6 +152,7 @@ def parse(argv: List[str]) -> Config:
     stop_timeout = _seconds("--stop-timeout", args["--stop-timeout"])
     header_timeout = _seconds("--header-timeout", args["--header-timeout"])
     scrape_timeout = _seconds("--scrape-timeout", args["--scrape-timeout"])
+    send_timeout = _seconds("--send-timeout", args["--send-timeout"])
     max_scripts = _count("--max-scripts", args["--max-scripts"])
     max_starting = _count("--max-starting", args["--max-starting"])
     max_connections = _count("--max-connections", args["--max-connections"])
@@ -166,7 +170,8 @@ def parse(argv: List[str]) -> Config:
                   max_starting=max_starting, max_connections=max_connections,
                   header_timeout=header_timeout,
                   web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
-                  recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout)
+                  recompile=bool(args["--recompile"]), scrape_timeout=scrape_timeout,
+                  send_timeout=send_timeout)
 
 
 def _port(value: str) -> int:

@@ -29,6 +29,8 @@ from .session import SessionConfig, set_child_subreaper
 log = logging.getLogger("stap-exporter")
 
 BACKLOG = 1024
+# How long in-flight requests get to finish once the scripts are stopped.
+HANDLER_GRACE = 2.0
 
 
 class StartupError(Exception):
@@ -107,6 +109,7 @@ class Exporter:
         self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
                              spawn="default", header_timeout=self.config.header_timeout,
                              max_connections=self.config.max_connections,
+                             send_timeout=self.config.send_timeout,
                              **webconfig.wrap_socket_args(self.web))
         self.server.start()
         self.manager.start()
@@ -131,11 +134,14 @@ class Exporter:
         gevent.spawn(self.manager.rescan)
 
     def _shutdown(self) -> int:
-        # Stop accepting first, then stop the scripts while in-flight
-        # requests finish, then wait for those.
+        # Stop accepting and close idle connections first, then stop the
+        # scripts while in-flight requests finish (their responses say
+        # Connection: close), then wait for those.
         self.server.close()
+        self.server.begin_shutdown()
         ok = self.manager.shutdown()
-        self.server.stop(timeout=2)
+        self.server.wait_handlers(HANDLER_GRACE)
+        self.server.stop(timeout=HANDLER_GRACE)
         if self.module_cache is not None:
             self.module_cache.clear()
         log.info("exited: stap-exporter stopped%s", "" if ok else " (some scripts did not stop)")

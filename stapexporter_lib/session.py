@@ -35,6 +35,7 @@ from gevent import subprocess
 from . import compiled, procfs
 from .catalog import Script
 from .declarations import Annotator, parse_declarations
+from .logs import escape_line  # noqa: F401  (moved to logs.py; re-exported for callers)
 from .states import (BACKOFF, FAILED, RUNNING, SERVING_STATES, STARTABLE_STATES, STARTING,
                      STOPPED, STOPPING, TRANSITIONS)
 
@@ -141,14 +142,6 @@ def describe_exit(returncode: Optional[int]) -> str:
             name = "signal %d" % -returncode
         return "killed by %s" % name
     return "exit status %d" % returncode
-
-
-_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7f]}
-
-
-def escape_line(text: str) -> str:
-    """Control characters as escapes, so a line cannot forge log lines."""
-    return text.translate(_ESCAPES)
 
 
 class Session:
