@@ -15,7 +15,8 @@ scripts or routes (that is app.py) and must not block the hub.
   --send-timeout is dropped (connection reset, its queued data freed).
 * Read-ahead is bounded: accepted sockets get a small receive buffer, so a
   client pipelining requests without reading the answers is held back by
-  TCP flow control instead of queueing megabytes here.
+  TCP flow control instead of queueing megabytes here; their send buffer is
+  capped too (SEND_BUFFER).
 * Limits: request line (414), header lines, header count and total size (431).
 * HTTP/0.9 requests and requests carrying both Content-Length and
   Transfer-Encoding are rejected (400); a body sent with GET/HEAD is not
@@ -57,6 +58,9 @@ DEFAULT_SEND_TIMEOUT = 10.0
 # Per accepted socket (the kernel doubles it for its bookkeeping): room for a
 # request's line and headers, not for megabytes of pipelined requests.
 RECEIVE_BUFFER = 32 * 1024
+# Likewise for what waits to be sent to a client that does not read: at most
+# this much (doubled) per connection instead of the kernel's autotuned ~4 MiB.
+SEND_BUFFER = 512 * 1024
 # Responses go out in pieces this size, each with its own --send-timeout.
 SEND_CHUNK = 256 * 1024
 # A connection blocked this long in a send counts as stalled (may be dropped
@@ -261,7 +265,7 @@ class Handler(pywsgi.WSGIHandler):
         # Say so when this is the last response on the connection: the
         # client asked, a body we will not read followed, or the server is
         # stopping or full.
-        if self.close_connection or self.server.closing or self.server.full():
+        if self.close_connection or self.server.closing or self.server.at_capacity():
             self.close_connection = True
             if not any(name.lower() == "connection" for name, _ in headers):
                 headers = list(headers) + [("Connection", "close")]
@@ -445,14 +449,17 @@ class Server(pywsgi.WSGIServer):
 
     def init_socket(self):
         super().init_socket()
-        # Accepted sockets inherit it: what a client pipelines ahead of the
-        # answers waits in its own buffers, not in ours.
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        except (OSError, AttributeError):
-            pass
+        # Accepted sockets inherit them: what a client pipelines ahead of the
+        # answers waits in its own buffers, not in ours, and a client that
+        # does not read holds at most SEND_BUFFER of answers here.
+        for option, size in ((socket.SO_RCVBUF, RECEIVE_BUFFER), (socket.SO_SNDBUF, SEND_BUFFER)):
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, option, size)
+            except (OSError, AttributeError):
+                pass
 
-    def full(self) -> bool:
+    def at_capacity(self) -> bool:
+        # (Not "full": gevent's BaseServer stops accepting while full() is true.)
         return self.connections >= self.max_connections
 
     def track(self, handler: Handler) -> None:
@@ -478,7 +485,7 @@ class Server(pywsgi.WSGIServer):
         return result
 
     def handle(self, sock, address):
-        if self.full() and not self._make_room():
+        if self.at_capacity() and not self._make_room():
             self._refuse(sock, address)
             return
         self.connections += 1
