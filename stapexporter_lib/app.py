@@ -12,11 +12,13 @@ from email.utils import formatdate
 from typing import Callable, List, Optional, Tuple
 from urllib.parse import quote
 
+import gevent.threadpool
+
 from . import __version__
 from .catalog import valid_name
 from .logs import escape_line
 from .session import Outcome, Session
-from .webconfig import CHALLENGE
+from .webconfig import AUTH_BUSY, AUTH_OK, CHALLENGE
 
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_TEXT = "text/plain; charset=utf-8"
@@ -50,6 +52,21 @@ def text_response(code: int, text: str, extra: Optional[List[Tuple[str, str]]] =
 # Bodies smaller than this are sent as they are even to gzip-capable clients.
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 6
+# Bodies this large are compressed in a thread (up to 16 MiB takes a good part
+# of a second: never on the hub), by GZIP_THREADS threads of their own so
+# they cannot hold up output reads in the hub's pool.
+GZIP_THREAD_MIN_BYTES = 64 * 1024
+GZIP_THREADS = 2
+_gzip_pool = []
+
+
+def compress(body: bytes) -> bytes:
+    """BODY gzip-compressed, off the hub when it is large."""
+    if len(body) < GZIP_THREAD_MIN_BYTES:
+        return gzip.compress(body, GZIP_LEVEL)
+    if not _gzip_pool:
+        _gzip_pool.append(gevent.threadpool.ThreadPool(GZIP_THREADS))
+    return _gzip_pool[0].apply(gzip.compress, (body, GZIP_LEVEL))
 
 
 def wants_gzip(environ) -> bool:
@@ -88,7 +105,7 @@ class App:
             if ("Vary", "Accept-Encoding") not in headers:
                 headers.append(("Vary", "Accept-Encoding"))
             if len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
-                body = gzip.compress(body, GZIP_LEVEL)
+                body = compress(body)
                 headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         headers.append(("Date", _http_date()))
@@ -98,8 +115,13 @@ class App:
         return [body]
 
     def respond(self, environ) -> Response:
-        if self.auth is not None and not self.auth.check(environ):
-            return text_response(401, "Authentication required.", [CHALLENGE])
+        if self.auth is not None:
+            verdict = self.auth.verify(environ)
+            if verdict == AUTH_BUSY:
+                return text_response(503, "Too many authentication checks under way; try"
+                                     " again later.", [("Retry-After", "1")])
+            if verdict != AUTH_OK:
+                return text_response(401, "Authentication required.", [CHALLENGE])
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return text_response(405, "Method %s is not allowed; use GET or HEAD."
