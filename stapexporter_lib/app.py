@@ -118,8 +118,11 @@ class App:
         if self.auth is not None:
             verdict = self.auth.verify(environ)
             if verdict == AUTH_BUSY:
+                # Closing makes a flooding client pay for a new connection
+                # instead of spinning on this one.
                 return text_response(503, "Too many authentication checks under way; try"
-                                     " again later.", [("Retry-After", "1")])
+                                     " again later.", [("Retry-After", "1"),
+                                                       ("Connection", "close")])
             if verdict != AUTH_OK:
                 return text_response(401, "Authentication required.", [CHALLENGE])
         method = environ.get("REQUEST_METHOD", "GET")
