@@ -47,7 +47,8 @@ _EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _KEY_RE = re.compile(r"(?:^| )([a-z_][a-z0-9_]*)=$")
 _SPEC_RE = re.compile(r"%(?:%|[-#0 +]*(?:\d+|\*)?(?:\.\d+)?[diouxXeEfFgGcrsa])")
 _RESERVED = frozenset(("ts", "level", "event", "msg", "traceback"))
-_INT_SPECS = ("d", "i", "u")
+# Conversions whose int arguments stay numbers in JSON ("pid=%s" given 12).
+_INT_SPECS = ("d", "i", "u", "s")
 
 # What a record carries when a line has no event of its own.
 DEFAULT_EVENT = "log"
@@ -181,7 +182,8 @@ def _render(parsed, args) -> Tuple[str, List[Field], str]:
         if piece[2] is None:
             text.append(rendered)
         else:
-            is_int = piece[1][-1] in _INT_SPECS and isinstance(value, int)
+            is_int = piece[1][-1] in _INT_SPECS and isinstance(value, int) and \
+                not isinstance(value, bool)
             fields.append((piece[2], int(value) if is_int else rendered, is_int))
     return event_name or DEFAULT_EVENT, fields, "".join(text).strip()
 
