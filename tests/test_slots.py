@@ -139,7 +139,8 @@ def test_stalled_connections_give_up_their_slots(dirs, exporter_factory):
         _well_behaved_client_is_served(exp)
         exp.wait_log(r'event=http client=127\.0\.0\.1:\d+ msg="dropped connection: stalled'
                      r' sending for \d+\.\d s, its slot was needed \(--max-connections 10\)')
-        assert any(a.error for a in attackers)
+        wait_for(lambda: any(a.error for a in attackers), timeout=5,
+                 message="the connection whose slot was taken to be reset")
     finally:
         for a in attackers:
             a.close()
