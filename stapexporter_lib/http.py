@@ -66,8 +66,6 @@ SEND_CHUNK = 256 * 1024
 # A connection blocked this long in a send counts as stalled (may be dropped
 # when its slot is needed).
 STALLED_AFTER = 1.0
-# Refusals an attacker can repeat are logged at most once per this many s.
-LOG_THROTTLE = 10.0
 # How much of a client-caused error message goes into the log.
 MAX_LOGGED_TEXT = 500
 SHUTDOWN_POLL = 0.05
@@ -440,8 +438,8 @@ class Server(pywsgi.WSGIServer):
         self.connections = 0
         self.closing = False
         self.handlers = {}          # Handler -> None, oldest first
-        self.drop_throttle = logs.Throttle(LOG_THROTTLE)
-        self._refuse_throttle = logs.Throttle(LOG_THROTTLE)
+        self.drop_throttle = logs.Throttle()
+        self._refuse_throttle = logs.Throttle()
         self._emfile_logged = False
         hub = gevent.get_hub()
         if AcceptPaused not in hub.NOT_ERROR:

@@ -52,6 +52,8 @@ _INT_SPECS = ("d", "i", "u", "s")
 
 # What a record carries when a line has no event of its own.
 DEFAULT_EVENT = "log"
+# A repeatable refusal is logged at most once per this many seconds.
+THROTTLE_INTERVAL = 10.0
 
 
 def escape_line(text: str) -> str:
@@ -84,7 +86,7 @@ class Throttle:
     """Limits a recurring log line (a refusal an attacker can repeat) to one
     per INTERVAL seconds; ``allow()`` says how many were left out since."""
 
-    def __init__(self, interval: float = 10.0, clock=time.monotonic):
+    def __init__(self, interval: float = THROTTLE_INTERVAL, clock=time.monotonic):
         self.interval = interval
         self.clock = clock
         self._next = float("-inf")
