@@ -19,12 +19,14 @@ from email.utils import formatdate
 from typing import Callable, Dict, List, Optional, Tuple
 
 import gevent
+import gevent.threadpool
 
 from . import __version__, discovery, indexpage, proccost
 from .catalog import valid_name
 from .indexpage import terminal_safe
-from .session import Outcome, Session, escape_line
-from .webconfig import CHALLENGE
+from .logs import escape_line
+from .session import Outcome, Session
+from .basicauth import AUTH_BUSY, AUTH_OK, CHALLENGE
 
 log = logging.getLogger("stap-exporter")
 
@@ -59,6 +61,21 @@ def text_response(code: int, text: str, extra: Optional[List[Tuple[str, str]]] =
 # Bodies smaller than this are sent as they are even to gzip-capable clients.
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 6
+# Bodies this large are compressed in a thread (up to 16 MiB takes a good part
+# of a second: never on the hub), by GZIP_THREADS threads of their own so
+# they cannot hold up output reads in the hub's pool.
+GZIP_THREAD_MIN_BYTES = 64 * 1024
+GZIP_THREADS = 2
+_gzip_pool = []
+
+
+def compress(body: bytes) -> bytes:
+    """BODY gzip-compressed, off the hub when it is large."""
+    if len(body) < GZIP_THREAD_MIN_BYTES:
+        return gzip.compress(body, GZIP_LEVEL)
+    if not _gzip_pool:
+        _gzip_pool.append(gevent.threadpool.ThreadPool(GZIP_THREADS))
+    return _gzip_pool[0].apply(gzip.compress, (body, GZIP_LEVEL))
 
 
 def wants_gzip(environ) -> bool:
@@ -102,7 +119,7 @@ class App:
             if ("Vary", "Accept-Encoding") not in headers:
                 headers.append(("Vary", "Accept-Encoding"))
             if len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
-                body = gzip.compress(body, GZIP_LEVEL)
+                body = compress(body)
                 headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         headers.append(("Date", _http_date()))
@@ -112,8 +129,16 @@ class App:
         return [body]
 
     def respond(self, environ) -> Response:
-        if self.auth is not None and not self.auth.check(environ):
-            return text_response(401, "Authentication required.", [CHALLENGE])
+        if self.auth is not None:
+            verdict = self.auth.verify(environ)
+            if verdict == AUTH_BUSY:
+                # Closing makes a flooding client pay for a new connection
+                # instead of spinning on this one.
+                return text_response(503, "Too many authentication checks under way; try"
+                                     " again later.", [("Retry-After", "1"),
+                                                       ("Connection", "close")])
+            if verdict != AUTH_OK:
+                return text_response(401, "Authentication required.", [CHALLENGE])
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return text_response(405, "Method %s is not allowed; use GET or HEAD."

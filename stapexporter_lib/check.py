@@ -2,6 +2,9 @@
 
 The same trust rules as the server apply (trust.py): an executable script is
 run directly here too, so an untrusted file is reported, never run.
+Everything it prints (script names, systemtap's messages, paths) goes through
+``escape_line``: a file name or a script's stderr must not drive the user's
+terminal.
 
 Owns the ``--check`` run: one line per script and the exit status.  Must
 not start the server or run a script for longer than its elaboration.
@@ -15,6 +18,7 @@ from typing import List, Tuple
 from . import trust
 from .catalog import Catalog
 from .cli import scripts_dir_refusal
+from .logs import escape_line
 
 CHECK_TIMEOUT = 120.0
 ERROR_LINES = 3
@@ -41,7 +45,9 @@ def check_one(script, stap: List[str]) -> Tuple[bool, str]:
         return False, "timed out after %.0f s" % CHECK_TIMEOUT
     if proc.returncode == 0:
         return True, "OK"
-    lines = [l.strip() for l in proc.stderr.decode("utf-8", "replace").splitlines()
+    # Split at newlines only: str.splitlines() would also cut at U+2028,
+    # U+0085... which are escaped (shown) instead.
+    lines = [l.strip() for l in proc.stderr.decode("utf-8", "replace").split("\n")
              if l.strip() and not l.startswith("WARNING:")]
     errors = [l for l in lines if "error" in l.lower()] or lines
     return False, "; ".join(errors[:ERROR_LINES]) or "exit status %d" % proc.returncode
@@ -56,11 +62,11 @@ def run_check(config, out=None) -> int:
     catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
     catalog.rescan()
     if catalog.last_error:
-        print("stap-exporter: error: %s" % catalog.last_error, file=sys.stderr)
+        print(escape_line("stap-exporter: error: %s" % catalog.last_error), file=sys.stderr)
         return 2
     scripts = catalog.scripts()
     if not scripts:
-        print("stap-exporter: error: no *.stp scripts in %s" % config.scripts_dir,
+        print(escape_line("stap-exporter: error: no *.stp scripts in %s" % config.scripts_dir),
               file=sys.stderr)
         return 1
     failed = 0
@@ -71,6 +77,7 @@ def run_check(config, out=None) -> int:
         else:
             ok, text = check_one(script, config.stap)
         failed += not ok
-        print("%s: %s" % (script.name, text if ok else "FAILED: " + text), file=out, flush=True)
+        print(escape_line("%s: %s" % (script.name, text if ok else "FAILED: " + text)),
+              file=out, flush=True)
     print("%d scripts checked, %d failed" % (len(scripts), failed), file=out)
     return 1 if failed else 0

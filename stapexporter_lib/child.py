@@ -32,6 +32,7 @@ from gevent import subprocess
 
 from . import naming, procfs, trust
 from .catalog import Script
+from .logs import escape_line
 
 log = logging.getLogger("stap-exporter")
 
@@ -104,14 +105,6 @@ def _child_setup_for(parent_pid: int) -> Callable[[], None]:
             if os.getppid() != parent_pid:
                 os._exit(1)
     return setup
-
-
-_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7f]}
-
-
-def escape_line(text: str) -> str:
-    """Control characters as escapes, so a line cannot forge log lines."""
-    return text.translate(_ESCAPES)
 
 
 class ChildRun:

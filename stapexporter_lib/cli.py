@@ -84,6 +84,8 @@ Options:
   --header-timeout SECONDS  Time a client gets to send its request line and
                             headers; also how long an idle keep-alive
                             connection is kept [default: 30].
+  --send-timeout SECONDS    Drop a client that reads nothing of a response
+                            for SECONDS [default: 10].
   --recompile               Compile a script afresh on every start instead of
                             rerunning the module compiled by its last run.
   --web-config FILE         TLS and basic-auth settings, in the Prometheus
@@ -129,6 +131,7 @@ class Config:
     max_connections: int
     scrape_timeout: float
     header_timeout: float
+    send_timeout: float
     recompile: bool
     web_config: Optional[str]
     stop_timeout: float
@@ -157,6 +160,7 @@ def parse(argv: List[str]) -> Config:
         keepalive=_keepalive(args["--keepalive"]),
         stop_timeout=_seconds("--stop-timeout", args["--stop-timeout"]),
         header_timeout=_seconds("--header-timeout", args["--header-timeout"]),
+        send_timeout=_seconds("--send-timeout", args["--send-timeout"]),
         scrape_timeout=_seconds("--scrape-timeout", args["--scrape-timeout"]),
         max_scripts=_count("--max-scripts", args["--max-scripts"]),
         max_starting=_count("--max-starting", args["--max-starting"]),

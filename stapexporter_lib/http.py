@@ -1,62 +1,84 @@
 """The HTTP server: pywsgi, hardened for a root daemon on a network.
 
+Owns the connection handling (deadlines, limits, slots).  Must not know
+scripts or routes (that is app.py), block the hub, or keep defaults of its
+own (server.py passes the configuration).
+
 * TCP_NODELAY on accepted sockets: pywsgi writes headers and body separately,
   and without it a keep-alive client waits for the delayed ACK (~40 ms).
-* A deadline for the request line and headers (slowloris) that also bounds
-  how long a keep-alive connection may sit idle.
+* Keep-alive: a connection is closed for idleness only after
+  --header-timeout with no byte of a new request; once the first byte of a
+  request is in, the request is answered (408 if its request line and
+  headers take longer than --header-timeout).  Server-initiated closes
+  happen between requests; when the server knows in advance (stopping, all
+  slots taken, the client asked) the last response says Connection: close.
+* A send deadline: a client that takes nothing of a response for
+  --send-timeout is dropped (connection reset, its queued data freed).
+* Read-ahead is bounded: accepted sockets get a small receive buffer, so a
+  client pipelining requests without reading the answers is held back by
+  TCP flow control instead of queueing megabytes here; their send buffer is
+  capped too (SEND_BUFFER).
 * Limits: request line (414), header lines, header count and total size (431).
 * HTTP/0.9 requests and requests carrying both Content-Length and
   Transfer-Encoding are rejected (400); a body sent with GET/HEAD is not
   drained: the response is sent and the connection closed.
-* A cap on simultaneous connections: beyond it a short 503 and close.
+* --max-connections: when all slots are taken, the connection idle longest
+  (or stalled sending longest, at least STALLED_AFTER) is closed to make
+  room; only when every connection is in the middle of a request does a new
+  one get a short 503.
 * Running out of file descriptors (EMFILE) pauses accepting with backoff
   instead of printing a traceback per attempt; it recovers by itself.
-* Request-derived text is escaped in every log line.
+* Request-derived text reaches the log only as quoted free text (logs.py).
 """
 
 import errno
 import logging
 import re
 import socket
+import time
 
 import gevent
 from gevent import pywsgi
 
-from .session import escape_line
+from . import httpwire, logs
 
 log = logging.getLogger("stap-exporter")
 
-MAX_REQUEST_LINE = pywsgi.MAX_REQUEST_LINE  # 8192: pywsgi answers 414 beyond it
-MAX_HEADER_LINE = 8190
-MAX_HEADERS = 100
-MAX_HEADER_BYTES = 32 * 1024
 
-DEFAULT_HEADER_TIMEOUT = 30.0
-DEFAULT_MAX_CONNECTIONS = 512
-
-
-def _canned(status: str, reason: str) -> bytes:
-    body = (reason + "\n").encode()
-    return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() +
-            b"\r\n\r\n" + body)
-
-
-_TOO_MANY_CONNECTIONS = _canned("503 Service Unavailable",
-                                "Too many connections; try again later.").replace(
-    b"Connection: close\r\n", b"Connection: close\r\nRetry-After: 1\r\n")
-_HEADERS_TOO_LARGE = _canned("431 Request Header Fields Too Large",
-                             "Request headers too large.")
-_REQUEST_TIMEOUT = _canned("408 Request Timeout", "Request not received in time.")
-_BAD_REQUEST = _canned("400 Bad Request", "Bad request.")
+# Per accepted socket (the kernel doubles it for its bookkeeping): room for a
+# request's line and headers, not for megabytes of pipelined requests.
+RECEIVE_BUFFER = 32 * 1024
+# Likewise for what waits to be sent to a client that does not read: at most
+# this much (doubled) per connection instead of the kernel's autotuned ~4 MiB.
+SEND_BUFFER = 512 * 1024
+# Responses go out in pieces this size, each with its own --send-timeout.
+SEND_CHUNK = 256 * 1024
+# A connection blocked this long in a send counts as stalled (may be dropped
+# when its slot is needed).
+STALLED_AFTER = 1.0
+# How much of a client-caused error message goes into the log.
+MAX_LOGGED_TEXT = 500
+SHUTDOWN_POLL = 0.05
 
 
-class HeaderTimeout(socket.timeout):
-    """The client did not send its request line and headers in time."""
+class HeaderTimeout(Exception):
+    """The client did not send its request line and headers in time (not an
+    OSError: pywsgi would take that for a dead connection and answer
+    nothing, and a request whose first byte arrived is always answered)."""
 
 
-class HeadersTooLarge(ValueError):
-    """Header lines too long, too many, or too much in all."""
+class _IdleTimeout(Exception):
+    """A keep-alive connection saw no new request for --header-timeout."""
+
+
+class ClientDropped(OSError):
+    """The server gave up sending to a client (it read nothing for
+    --send-timeout, or its slot was taken).  Carries EPIPE so pywsgi treats
+    it like a client that went away: no traceback, no 500, connection
+    closed."""
+
+    def __init__(self, reason: str):
+        super().__init__(errno.EPIPE, reason)
 
 
 class AcceptPaused(Exception):
@@ -65,94 +87,122 @@ class AcceptPaused(Exception):
 
 
 _VERSION_RE = re.compile(r"^HTTP/(\d{1,3})\.(\d{1,3})$")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-class Headers:
-    """Request headers, parsed without the email package (which costs more
-    than the rest of a small request).  Offers what pywsgi uses of its own
-    header objects: get/getheader, del, ``headers`` lines, ``typeheader``,
-    ``status``."""
-
-    status = ""
-
-    def __init__(self, pairs):
-        self._pairs = pairs  # [(name, value)] in arrival order
-
-    def get(self, name, default=None):
-        name = name.lower()
-        for key, value in self._pairs:
-            if key.lower() == name:
-                return value
-        return default
-
-    getheader = get
-
-    def __contains__(self, name):
-        return self.get(name) is not None
-
-    def __delitem__(self, name):
-        name = name.lower()
-        self._pairs = [(k, v) for k, v in self._pairs if k.lower() != name]
-
-    @property
-    def headers(self):
-        return ["%s: %s\r\n" % (k, v) for k, v in self._pairs]
-
-    @property
-    def typeheader(self):
-        return self.get("content-type")
-
-
-def _read_headers(rfile) -> Headers:
-    """Read header lines up to the blank line, within the limits.  Raises
-    HeadersTooLarge, or an _InvalidClientRequest (400) for malformed lines,
-    folded lines, or Content-Length together with Transfer-Encoding."""
-    pairs = []
-    total = 0
-    while True:
-        line = rfile.readline(MAX_HEADER_LINE + 2)
-        if len(line) > MAX_HEADER_LINE and not line.endswith(b"\n"):
-            raise HeadersTooLarge("header line longer than %d bytes" % MAX_HEADER_LINE)
-        total += len(line)
-        if total > MAX_HEADER_BYTES:
-            raise HeadersTooLarge("headers larger than %d bytes" % MAX_HEADER_BYTES)
-        if line in (b"\r\n", b"\n", b""):
-            break
-        if len(pairs) >= MAX_HEADERS:
-            raise HeadersTooLarge("more than %d headers" % MAX_HEADERS)
-        text = line.decode("latin-1").rstrip("\r\n")
-        name, sep, value = text.partition(":")
-        if not sep or not _TOKEN_RE.match(name):
-            raise pywsgi._InvalidClientRequest("Invalid header line: %r" % text[:100])
-        pairs.append((name, value.strip(" \t")))
-    headers = Headers(pairs)
-    if headers.get("transfer-encoding") is not None and headers.get("content-length") is not None:
-        # Request smuggling territory: refuse rather than pick one.
-        raise pywsgi._InvalidClientRequest("Both Content-Length and Transfer-Encoding given")
-    return headers
+# What a connection is doing, for choosing one to drop when all slots are
+# taken: only IDLE ones (waiting for a request, nothing received) and
+# SENDING ones stalled for STALLED_AFTER seconds are ever dropped.
+IDLE, READING, BUSY, SENDING = "idle", "reading", "busy", "sending"
 
 
 class Handler(pywsgi.WSGIHandler):
     """pywsgi's handler with the limits described in the module docstring."""
 
+    phase = IDLE
+    phase_since = 0.0
+    dropped = None      # why the server took this connection's slot, if it did
     _deadline = None
 
-    def handle_one_request(self):
-        # One deadline covers waiting for the request line (also the idle time
-        # of a keep-alive connection) and reading the headers; read_request()
-        # cancels it once the headers are in.  One timer per connection,
-        # restarted for each request.
-        if self._deadline is None:
-            self._deadline = gevent.Timeout(self.server.header_timeout,
-                                            HeaderTimeout("request timeout"))
-        self._deadline.start()
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_since = time.monotonic()
+
+    def handle(self):
+        self.server.track(self)
         try:
-            return super().handle_one_request()
-        except HeaderTimeout:
-            return None
+            super().handle()
+        except OSError:
+            # Only the canned error response pywsgi sends after a failed
+            # request can get here (a client that stopped reading).
+            pass
         finally:
-            self._deadline.cancel()
+            self.server.untrack(self)
+
+    def handle_one_request(self):
+        if self.server.closing or not self._wait_for_request():
+            return None
+        # The first byte of a request is in: from here on it is answered
+        # (408 if the rest does not arrive within --header-timeout).  A new
+        # timer per request: a restarted gevent.Timeout resumes with what
+        # was left of it, so a reused one cut busy connections (issue 15).
+        self._set_phase(READING)
+        deadline = self._deadline = gevent.Timeout(self.server.header_timeout,
+                                                   HeaderTimeout("request timeout"))
+        deadline.start()
+        try:
+            result = super().handle_one_request()
+        except HeaderTimeout:
+            result = ("408", httpwire.REQUEST_TIMEOUT)
+        finally:
+            deadline.close()
+        if isinstance(result, tuple):
+            # pywsgi sends this canned answer itself: bound that send too.
+            self.socket.settimeout(self.server.send_timeout)
+        return result
+
+    def _wait_for_request(self) -> bool:
+        """Wait up to --header-timeout for the first byte of the next
+        request.  False when the connection is to be closed: the client
+        closed it, it stayed idle, or the server needed its slot."""
+        self._set_phase(IDLE)
+        timer = gevent.Timeout(self.server.header_timeout, _IdleTimeout())
+        timer.start()
+        try:
+            first = self.rfile.peek(1)
+        except _IdleTimeout:
+            logs.event(log, logging.DEBUG, "http", "closing idle connection after %g s"
+                       " without a request", self.server.header_timeout,
+                       client=_peer(self.client_address))
+            return False
+        except (OSError, ValueError):
+            return False        # reset, failed TLS handshake, closed
+        finally:
+            timer.close()
+        if not first and self.dropped:
+            logs.event(log, logging.DEBUG, "http", "closed idle connection: %s",
+                       self.dropped, client=_peer(self.client_address))
+        return bool(first)
+
+    def start_response(self, status, headers, exc_info=None):
+        # Say so when this is the last response on the connection: the
+        # client asked, a body we will not read followed, or the server is
+        # stopping or full.
+        if self.close_connection or self.server.closing or self.server.at_capacity():
+            self.close_connection = True
+            if not any(name.lower() == "connection" for name, _ in headers):
+                headers = list(headers) + [("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
+    def _sendall(self, data):
+        # The send deadline: a client that takes nothing for --send-timeout
+        # is dropped.  Sent in pieces so a slow but steady reader of a large
+        # body is not mistaken for a stalled one.
+        view = memoryview(data)
+        sock = self.socket
+        self._set_phase(SENDING)
+        sock.settimeout(self.server.send_timeout)
+        try:
+            sent = 0
+            while sent < len(view):
+                sent += sock.send(view[sent:sent + SEND_CHUNK])
+        except OSError as exc:
+            if self.dropped is None and not isinstance(exc, socket.timeout):
+                raise
+            self._drop_stalled(self.dropped or "read nothing for %g s (--send-timeout)"
+                               % self.server.send_timeout)
+            raise ClientDropped("client stopped reading") from None
+        finally:
+            sock.settimeout(None)
+            self._set_phase(BUSY)
+        self.response_length += len(data)
+
+    def _drop_stalled(self, reason: str) -> None:
+        self.close_connection = True
+        httpwire.abort_on_close(self.socket)
+        n = self.server.drop_throttle.allow()
+        if n is not None:
+            logs.event(log, logging.WARNING, "http", "dropped connection: %s%s", reason,
+                       _more(n), client=_peer(self.client_address))
 
     def _write_with_headers(self, data):
         # pywsgi sends the headers and the body in two writes; one is enough
@@ -188,20 +238,13 @@ class Handler(pywsgi.WSGIHandler):
         if log.isEnabledFor(logging.DEBUG):
             super().log_request()
 
-    def read_requestline(self):
-        try:
-            return super().read_requestline()
-        except HeaderTimeout:
-            # No (complete) request line in time: just close.
-            raise socket.error(errno.ETIMEDOUT, "request line timeout") from None
-
     def _check_http_version(self):
         # pywsgi's own check raises IndexError on "HTTP/1" and accepts 0.9.
         m = _VERSION_RE.match(self.request_version)
         return bool(m) and (1, 0) <= (int(m.group(1)), int(m.group(2))) < (2, 0)
 
     def MessageClass(self, rfile, *args):
-        return _read_headers(rfile)
+        return httpwire.read_headers(rfile)
 
     def read_request(self, raw_requestline):
         if len(raw_requestline.split()) != 3:
@@ -209,6 +252,7 @@ class Handler(pywsgi.WSGIHandler):
                 "Invalid request line (HTTP/0.9 is not supported): %r" % raw_requestline[:100])
         result = super().read_request(raw_requestline)
         self._deadline.cancel()
+        self._set_phase(BUSY)
         if self.content_length or self.headers.get("transfer-encoding") is not None:
             # We never read request bodies: answer, then close instead of
             # draining what may be an endless body.
@@ -219,24 +263,27 @@ class Handler(pywsgi.WSGIHandler):
 
     def _handle_client_error(self, ex):
         if isinstance(ex, HeaderTimeout):
-            return ("408", _REQUEST_TIMEOUT)
-        if isinstance(ex, HeadersTooLarge):
-            self.log_error("Request rejected (from %s): %s", self.client_address, ex)
-            return ("431", _HEADERS_TOO_LARGE)
+            return ("408", httpwire.REQUEST_TIMEOUT)
+        if isinstance(ex, httpwire.HeadersTooLarge):
+            self.log_error("Request rejected: %s", ex)
+            return ("431", httpwire.HEADERS_TOO_LARGE)
         # Anything else raised while parsing a request is still the client's
         # doing: one log line, a 400, never a traceback.
-        self.log_error("Invalid request (from %s): %s", self.client_address,
-                       getattr(ex, "formatted_message", None) or str(ex) or
-                       ex.__class__.__name__)
-        return ("400", _BAD_REQUEST)
+        self.log_error("Invalid request: %s", getattr(ex, "formatted_message", None) or
+                       str(ex) or ex.__class__.__name__)
+        return ("400", httpwire.BAD_REQUEST)
 
     def log_error(self, msg, *args):
         try:
             message = msg % args if args else msg
         except TypeError:
             message = "%r %r" % (msg, args)
-        log.info("http: client=%s %s", _peer(self.client_address),
-                 escape_line(str(message))[:500])
+        logs.event(log, logging.INFO, "http", "%s", str(message)[:MAX_LOGGED_TEXT],
+                   client=_peer(self.client_address))
+
+
+def _more(skipped: int) -> str:
+    return " (and %d more not logged)" % skipped if skipped else ""
 
 
 def _peer(address) -> str:
@@ -246,20 +293,47 @@ def _peer(address) -> str:
 
 
 class Server(pywsgi.WSGIServer):
-    """WSGIServer with the connection cap, TCP_NODELAY and EMFILE handling."""
+    """WSGIServer with the connection cap, TCP_NODELAY, a bounded receive
+    buffer, send deadlines, slot reuse and EMFILE handling."""
 
     handler_class = Handler
 
-    def __init__(self, listener, application, header_timeout=DEFAULT_HEADER_TIMEOUT,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, **kwargs):
+    def __init__(self, listener, application, header_timeout: float, max_connections: int,
+                 send_timeout: float, **kwargs):
         super().__init__(listener, application, **kwargs)
         self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
         self.max_connections = max_connections
         self.connections = 0
+        self.closing = False
+        self.handlers = {}          # Handler -> None, oldest first
+        self.drop_throttle = logs.Throttle()
+        self._refuse_throttle = logs.Throttle()
         self._emfile_logged = False
         hub = gevent.get_hub()
         if AcceptPaused not in hub.NOT_ERROR:
             hub.NOT_ERROR = tuple(hub.NOT_ERROR) + (AcceptPaused,)
+
+    def init_socket(self):
+        super().init_socket()
+        # Accepted sockets inherit them: what a client pipelines ahead of the
+        # answers waits in its own buffers, not in ours, and a client that
+        # does not read holds at most SEND_BUFFER of answers here.
+        for option, size in ((socket.SO_RCVBUF, RECEIVE_BUFFER), (socket.SO_SNDBUF, SEND_BUFFER)):
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, option, size)
+            except (OSError, AttributeError):
+                pass
+
+    def at_capacity(self) -> bool:
+        # (Not "full": gevent's BaseServer stops accepting while full() is true.)
+        return self.connections >= self.max_connections
+
+    def track(self, handler: Handler) -> None:
+        self.handlers[handler] = None
+
+    def untrack(self, handler: Handler) -> None:
+        self.handlers.pop(handler, None)
 
     def do_read(self):
         try:
@@ -278,8 +352,8 @@ class Server(pywsgi.WSGIServer):
         return result
 
     def handle(self, sock, address):
-        if self.connections >= self.max_connections:
-            self._refuse(sock)
+        if self.at_capacity() and not self._make_room():
+            self._refuse(sock, address)
             return
         self.connections += 1
         try:
@@ -291,10 +365,56 @@ class Server(pywsgi.WSGIServer):
         finally:
             self.connections -= 1
 
-    def _refuse(self, sock):
+    def _make_room(self) -> bool:
+        """All slots are taken: drop the connection that has waited longest
+        for a request, or that has been unable to send the longest (at least
+        STALLED_AFTER).  False when every connection is busy with a request."""
+        now = time.monotonic()
+        victim, oldest = None, -1.0
+        for handler in self.handlers:
+            age = now - handler.phase_since
+            if handler.dropped or age <= oldest or getattr(handler, "socket", None) is None:
+                continue
+            if handler.phase == IDLE or (handler.phase == SENDING and age >= STALLED_AFTER):
+                if handler.phase == IDLE and httpwire.has_input(handler.socket):
+                    continue
+                victim, oldest = handler, age
+        if victim is None:
+            return False
+        victim.dropped = "%s for %.1f s, its slot was needed (--max-connections %d)" % (
+            "idle" if victim.phase == IDLE else "stalled sending", oldest, self.max_connections)
+        if victim.phase == SENDING:
+            httpwire.abort_on_close(victim.socket)
+        httpwire.shutdown(victim.socket)
+        return True
+
+    def begin_shutdown(self) -> None:
+        """Stop reusing connections: idle ones are closed now, busy ones after
+        their current response (which says Connection: close)."""
+        self.closing = True
+        for handler in list(self.handlers):
+            sock = getattr(handler, "socket", None)
+            if handler.phase == IDLE and not handler.dropped and sock is not None \
+                    and not httpwire.has_input(sock):
+                handler.dropped = "the exporter is stopping"
+                httpwire.shutdown(sock)
+
+    def wait_handlers(self, timeout: float) -> bool:
+        """Wait up to TIMEOUT for in-flight requests to finish."""
+        deadline = time.monotonic() + timeout
+        while self.handlers and time.monotonic() < deadline:
+            gevent.sleep(SHUTDOWN_POLL)
+        return not self.handlers
+
+    def _refuse(self, sock, address):
+        n = self._refuse_throttle.allow()
+        if n is not None:
+            logs.event(log, logging.WARNING, "http", "refused connection: all %d slots busy"
+                       " with requests%s", self.max_connections, _more(n),
+                       client=_peer(address))
         try:
             sock.settimeout(1.0)
-            sock.sendall(_TOO_MANY_CONNECTIONS)
+            sock.sendall(httpwire.TOO_MANY_CONNECTIONS)
         except OSError:
             pass
         finally:

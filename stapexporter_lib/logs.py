@@ -1,30 +1,191 @@
-"""Logging set-up: one line per event, control characters escaped so that
-nothing a client or a script sends can forge a log line.
+"""Logging: one line per event, in logfmt or JSON, that nothing a client or a
+script sends can forge.
 
-Messages are written as ``EVENT: key=value ... free text``; the formatters
-turn that into logfmt-style lines (``ts=... level=info event=spawned
-script=a.stp pid=12 ...``) or JSON objects with ``script`` and ``pid`` fields.
+Owns the formatters, the escaping of text for logs and terminals
+(``escape_line``), the ``event()`` helper and ``Throttle``; it must not import
+any other module of the package (everything imports it).
+
+Where the structure of a line comes from -- never from the rendered text:
+
+* the event name: ``extra={"event": ...}`` (what ``event()`` passes), else the
+  code-controlled prefix of the *format string* (``"spawned: ..."``);
+* the fields: ``extra={"fields": {...}}`` (and ``script``/``pid`` extras),
+  else the ``key=%s`` conversions of the format string, paired with their
+  arguments (so ``"exited: script=%s pid=%d (%s)"`` gives ``script`` and
+  ``pid`` whatever the arguments contain);
+* the free text: everything else, written as one quoted ``msg="..."`` value in
+  logfmt and as the ``msg`` member in JSON.
+
+Field values and the free text are escaped: C0 and C1 control characters,
+DEL and U+2028/U+2029 become ``\\xNN``/``\\uNNNN``; in logfmt a value with a
+space, ``=``, ``"`` or ``\\`` is quoted, so no text can add a key or a line.
 """
 
+import functools
 import json
 import logging
 import re
 import sys
 import time
-
-from .session import escape_line
+from typing import List, Optional, Tuple
 
 log = logging.getLogger("stap-exporter")
 
-FORMATS = ("logfmt", "json")
+# Characters a terminal or a line-based log reader acts on.
+_CONTROLS = list(range(0x20)) + [0x7f] + list(range(0x80, 0xa0))
+_ESCAPES = {c: "\\x%02x" % c for c in _CONTROLS}
+_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+# Inside a quoted logfmt value, also the quote and the escape character.
+_QUOTE_ESCAPES = dict(_ESCAPES)
+_QUOTE_ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"'})
+_BARE_VALUE_RE = re.compile(r'^[^\s="\\]+$')
 
-_EVENT_RE = re.compile(r"^([a-z][a-z_-]*): (.*)$", re.S)
-_FIELD_RE = re.compile(r"\b(script|pid)=(\S+)")
+_PREFIX_RE = re.compile(r"^([a-z][a-z0-9_-]*): ")
+_EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+_KEY_RE = re.compile(r"(?:^| )([a-z_][a-z0-9_]*)=$")
+_SPEC_RE = re.compile(r"%(?:%|[-#0 +]*(?:\d+|\*)?(?:\.\d+)?[diouxXeEfFgGcrsa])")
+_RESERVED = frozenset(("ts", "level", "event", "msg", "traceback"))
+# Conversions whose int arguments stay numbers in JSON ("pid=%s" given 12).
+_INT_SPECS = ("d", "i", "u", "s")
+
+# What a record carries when a line has no event of its own.
+DEFAULT_EVENT = "log"
+# A repeatable refusal is logged at most once per this many seconds.
+THROTTLE_INTERVAL = 10.0
 
 
-def _split(message: str):
-    m = _EVENT_RE.match(message)
-    return (m.group(1), m.group(2)) if m else ("log", message)
+def escape_line(text: str) -> str:
+    """TEXT with control characters (C0, DEL, C1) and the Unicode line and
+    paragraph separators as escapes, so it is one line that cannot forge log
+    lines or drive a terminal."""
+    return text.translate(_ESCAPES)
+
+
+def quote(value: str) -> str:
+    """VALUE as a logfmt value: bare when that is unambiguous, else quoted
+    with ``\\\\``, ``\\"`` and control characters escaped."""
+    if _BARE_VALUE_RE.match(value) and value.translate(_ESCAPES) == value:
+        return value
+    return '"%s"' % value.translate(_QUOTE_ESCAPES)
+
+
+def event(logger: logging.Logger, level: int, name: str, text: str = "", *args,
+          **fields) -> None:
+    """Log event NAME with FIELDS (key=value; names from the code) and free
+    TEXT (a %-format with ARGS).  Neither TEXT nor the field values can add a
+    key: the formatters take the structure from here."""
+    if not _EVENT_NAME_RE.match(name):
+        raise ValueError("bad event name %r" % name)
+    if logger.isEnabledFor(level):
+        logger.log(level, text, *args, extra={"event": name, "fields": fields})
+
+
+class Throttle:
+    """Limits a recurring log line (a refusal an attacker can repeat) to one
+    per INTERVAL seconds; ``allow()`` says how many were left out since."""
+
+    def __init__(self, interval: float = THROTTLE_INTERVAL, clock=time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._next = float("-inf")
+        self._skipped = 0
+
+    def allow(self) -> Optional[int]:
+        """None when this occurrence is not to be logged, else the number of
+        occurrences not logged since the last one that was."""
+        now = self.clock()
+        if now < self._next:
+            self._skipped += 1
+            return None
+        self._next = now + self.interval
+        skipped, self._skipped = self._skipped, 0
+        return skipped
+
+
+# -- taking a record apart -------------------------------------------------------
+
+Field = Tuple[str, object, bool]  # name, value, is an integer
+
+
+@functools.lru_cache(maxsize=512)
+def _template(fmt: str):
+    """Parse a %-format string from the code into (event, pieces): pieces is
+    a list of ("text", literal) and ("arg", spec, key or None) in order.
+    Returns None when the format cannot be paired with positional args."""
+    m = _PREFIX_RE.match(fmt)
+    event_name = m.group(1) if m else None
+    rest = fmt[m.end():] if m else fmt
+    pieces: List[tuple] = []
+    pos = 0
+    for spec in _SPEC_RE.finditer(rest):
+        literal = rest[pos:spec.start()]
+        pos = spec.end()
+        if spec.group() == "%%":
+            pieces.append(("text", literal + "%"))
+            continue
+        if "*" in spec.group():
+            return None
+        key_m = _KEY_RE.search(literal)
+        key = key_m.group(1) if key_m and key_m.group(1) not in _RESERVED else None
+        if key is not None:
+            literal = literal[:key_m.start()]
+        pieces.append(("text", literal))
+        pieces.append(("arg", spec.group(), key))
+    pieces.append(("text", rest[pos:]))
+    # A keyed value must end at a space or the end: "n=%ds" is text.
+    for i, piece in enumerate(pieces):
+        if piece[0] == "arg" and piece[2] is not None:
+            following = pieces[i + 1][1] if i + 1 < len(pieces) else ""
+            if following and not following.startswith(" "):
+                pieces[i] = ("arg", piece[1], None)
+    return event_name, pieces
+
+
+def structure(record: logging.LogRecord) -> Tuple[str, List[Field], str]:
+    """(event, fields, free text) of RECORD, the structure taken from the
+    code (extras or the format string), never from the rendered text."""
+    if getattr(record, "event", None):
+        fields = [(k, v, isinstance(v, int)) for k, v in
+                  (getattr(record, "fields", None) or {}).items()]
+        for extra in ("script", "pid"):
+            if extra in record.__dict__ and all(f[0] != extra for f in fields):
+                value = record.__dict__[extra]
+                fields.append((extra, value, isinstance(value, int)))
+        return str(record.event), fields, record.getMessage()
+    msg = record.msg
+    parsed = _template(msg) if isinstance(msg, str) else None
+    args = record.args
+    if parsed is not None and isinstance(args, tuple) and \
+            sum(p[0] == "arg" for p in parsed[1]) == len(args):
+        try:
+            return _render(parsed, args)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    text = record.getMessage()
+    event_name = parsed[0] if parsed else None
+    if event_name and text.startswith(event_name + ": "):
+        text = text[len(event_name) + 2:]
+    return event_name or DEFAULT_EVENT, [], text
+
+
+def _render(parsed, args) -> Tuple[str, List[Field], str]:
+    event_name, pieces = parsed
+    fields: List[Field] = []
+    text = []
+    values = iter(args)
+    for piece in pieces:
+        if piece[0] == "text":
+            text.append(piece[1])
+            continue
+        value = next(values)
+        rendered = piece[1] % (value,)
+        if piece[2] is None:
+            text.append(rendered)
+        else:
+            is_int = piece[1][-1] in _INT_SPECS and isinstance(value, int) and \
+                not isinstance(value, bool)
+            fields.append((piece[2], int(value) if is_int else rendered, is_int))
+    return event_name or DEFAULT_EVENT, fields, "".join(text).strip()
 
 
 def _timestamp(record) -> str:
@@ -34,26 +195,35 @@ def _timestamp(record) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
-    """``ts=... level=... event=... rest``; tracebacks (ours) follow as is."""
+    """``ts=... level=... event=... key=value... msg="..."``; tracebacks
+    (ours) follow as they are."""
 
     def format(self, record):
-        event, rest = _split(escape_line(record.getMessage()))
-        line = "ts=%s level=%s event=%s %s" % (_timestamp(record), record.levelname.lower(),
-                                               event, rest)
+        event_name, fields, text = structure(record)
+        parts = ["ts=%s level=%s event=%s" % (_timestamp(record), record.levelname.lower(),
+                                              quote(event_name))]
+        for key, value, _ in fields:
+            parts.append("%s=%s" % (key, quote(str(value))))
+        if text:
+            parts.append("msg=%s" % quote(text))
+        line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, event, script, pid, msg."""
+    """One JSON object per line: ts, level, event, the fields, msg, and
+    traceback for internal errors."""
 
     def format(self, record):
-        event, rest = _split(record.getMessage())
-        obj = {"ts": _timestamp(record), "level": record.levelname.lower(), "event": event}
-        for key, value in _FIELD_RE.findall(rest):
-            obj.setdefault(key, int(value) if key == "pid" and value.isdigit() else value)
-        obj["msg"] = rest
+        event_name, fields, text = structure(record)
+        obj = {"ts": _timestamp(record), "level": record.levelname.lower(),
+               "event": escape_line(event_name)}
+        for key, value, is_int in fields:
+            if key not in _RESERVED:
+                obj.setdefault(key, value if is_int else escape_line(str(value)))
+        obj["msg"] = escape_line(text)
         if record.exc_info:
             obj["traceback"] = self.formatException(record.exc_info)
         return json.dumps(obj, ensure_ascii=True)
@@ -72,7 +242,7 @@ class AccessLog:
 
     def write(self, line: str) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("access: %s", line.rstrip("\n"))
+            event(log, logging.DEBUG, "access", "%s", line.rstrip("\n"))
 
     def flush(self) -> None:
         pass

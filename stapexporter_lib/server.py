@@ -20,7 +20,7 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, cli, discovery, procfs, webconfig
+from . import __version__, basicauth, cli, discovery, procfs, webconfig
 from .app import App
 from .catalog import Catalog
 from .compiled import ModuleCache
@@ -111,7 +111,7 @@ class Exporter:
                 self.web = webconfig.load(config.web_config)
             except webconfig.WebConfigError as exc:
                 raise StartupError(str(exc)) from None
-        auth = webconfig.BasicAuth(self.web.users) if self.web and self.web.auth_required else None
+        auth = basicauth.BasicAuth(self.web.users) if self.web and self.web.auth_required else None
         self.app = App(self.manager, default_timeout=config.scrape_timeout,
                        metrics=self.metrics, validate=config.validate, auth=auth,
                        advertise=config.advertise_address)
@@ -131,6 +131,7 @@ class Exporter:
                              spawn="default", header_timeout=self.config.header_timeout,
                              max_connections=self.config.max_connections,
                              handler_class=_LocalAddressHandler,
+                             send_timeout=self.config.send_timeout,
                              **webconfig.wrap_socket_args(self.web))
         self.server.start()
         self.manager.start()
@@ -155,10 +156,13 @@ class Exporter:
         gevent.spawn(self.manager.rescan)
 
     def _shutdown(self) -> int:
-        # Stop accepting first, then stop the scripts while in-flight
-        # requests finish, then wait for those.
+        # Stop accepting and close idle connections first, then stop the
+        # scripts while in-flight requests finish (their responses say
+        # Connection: close), then wait for those.
         self.server.close()
+        self.server.begin_shutdown()
         ok = self.manager.shutdown()
+        self.server.wait_handlers(REQUEST_DRAIN)
         self.server.stop(timeout=REQUEST_DRAIN)
         if self.module_cache is not None:
             self.module_cache.clear()

@@ -24,31 +24,25 @@ ask for a client certificate without verifying it: ``RequestClientCert`` is
 served as ``NoClientCert`` (the certificate is never used either way), and
 ``RequireAnyClientCert`` is refused.  The file is read once, by ``load()``;
 the toolkit rereads it on every request.
+
+Owns the web configuration file and basic-auth checks.  Must not touch
+sessions or sockets (``http.py`` wraps the listener with its TLS context).
 """
 
-import base64
-import binascii
-import collections
-import hashlib
-import hmac
+import logging
 import os
 import re
 import ssl
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-import bcrypt
 import gevent
 import gevent.ssl
+import gevent.threadpool
 import yaml
 
-CHALLENGE = ("WWW-Authenticate", 'Basic realm="stap-exporter", charset="UTF-8"')
+from .logs import escape_line
 
-# Successful (user, sha256(password)) checks remembered by BasicAuth.
-AUTH_CACHE_SIZE = 1024
-
-# bcrypt only ever looks at the first 72 bytes of a password (Go's bcrypt, the
-# toolkit's, ignores the rest; Python's bcrypt >= 5 raises instead).
-BCRYPT_MAX_PASSWORD = 72
+log = logging.getLogger("stap-exporter")
 
 _BCRYPT_RE = re.compile(r"\$2[abxy]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 
@@ -91,11 +85,7 @@ class WebConfigError(Exception):
     names the file and the problem."""
 
     def __init__(self, message: str):
-        super().__init__(_one_line(message))
-
-
-def _one_line(text: str) -> str:
-    return "".join(c if c >= " " and c != "\x7f" else "\\x%02x" % ord(c) for c in text)
+        super().__init__(escape_line(message))
 
 
 class WebConfig:
@@ -376,78 +366,3 @@ def wrap_socket_args(webconfig: Optional[WebConfig]) -> dict:
     if webconfig is None or webconfig.ssl_context is None:
         return {}
     return {"ssl_context": webconfig.ssl_context, "do_handshake_on_connect": False}
-
-
-class BasicAuth:
-    """HTTP basic authentication against bcrypt hashes.
-
-    bcrypt is slow by design, so ``checkpw`` runs in gevent's thread pool,
-    never on the hub; successful checks are remembered (bounded LRU keyed by
-    user and SHA-256 of the password) so a scraper's repeated requests cost
-    one bcrypt.  Failures are never remembered.
-    """
-
-    def __init__(self, users: Dict[str, bytes], cache_size: int = AUTH_CACHE_SIZE):
-        self.users = [(name.encode("utf-8"), hashed) for name, hashed in users.items()]
-        self.cache_size = cache_size
-        self._cache = collections.OrderedDict()  # type: collections.OrderedDict
-        # Unknown users are checked against a hash of the highest configured
-        # cost, so response time does not tell whether a user exists.
-        cost = max((int(h.split(b"$")[2]) for _, h in self.users), default=4)
-        self._dummy = b"$2b$%02d$" % cost + b"." * 53
-
-    @staticmethod
-    def credentials(environ) -> Optional[Tuple[bytes, bytes]]:
-        """(user, password) bytes from the request's Authorization header,
-        or None when it is missing or malformed."""
-        header = environ.get("HTTP_AUTHORIZATION")
-        if not isinstance(header, str):
-            return None
-        scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "basic":
-            return None
-        try:
-            decoded = base64.b64decode(value.strip().encode("ascii"), validate=True)
-        except (ValueError, binascii.Error, UnicodeEncodeError):
-            return None
-        user, colon, password = decoded.partition(b":")
-        if not colon:
-            return None
-        try:
-            user.decode("utf-8")
-            password.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        return user, password
-
-    def check(self, environ) -> bool:
-        """True if the request carries the right user name and password.
-        Blocks only the calling greenlet (bcrypt runs in a thread)."""
-        creds = self.credentials(environ)
-        if creds is None:
-            return False
-        user, password = creds
-        hashed = None
-        for name, candidate in self.users:
-            if hmac.compare_digest(name, user):
-                hashed = candidate
-        key = (user, hashlib.sha256(password).digest())
-        if hashed is not None and key in self._cache:
-            self._cache.move_to_end(key)
-            return True
-        ok = gevent.get_hub().threadpool.apply(
-            _checkpw, (password[:BCRYPT_MAX_PASSWORD], hashed or self._dummy))
-        if not ok or hashed is None:
-            return False
-        self._cache[key] = True
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return True
-
-
-def _checkpw(password: bytes, hashed: bytes) -> bool:
-    try:
-        return bcrypt.checkpw(password, hashed)
-    except ValueError:
-        return False

@@ -106,6 +106,28 @@ def test_every_script_gets_exactly_one_line(scripts):
     assert r.line_for("c.stp").startswith("c.stp: FAILED: ")
 
 
+def test_terminal_escapes_in_names_and_stderr_are_printed_escaped(scripts):
+    """Issue 14 point 10: a script named with ESC sequences (and failing
+    with them on stderr) cannot retitle or recolour the user's terminal."""
+    title = "\x1b]0;OWNED\x07x.stp"
+    red = "\x1b[31mred\u009b2J\u2028.stp"
+    write_script(scripts, title)
+    write_script(scripts, red, "fail")
+    proc = subprocess.run([sys.executable, EXPORTER, "--check", "-s", str(scripts), "--stap",
+                           FAKESTAP], cwd=ROOT, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    out = proc.stdout.decode("utf-8")
+    assert proc.returncode == 1, out
+    for raw in ("\x1b", "\x07", "\u009b", "\u2028"):
+        assert raw not in out, repr(out)
+    lines = out.splitlines()
+    assert "\\x1b]0;OWNED\\x07x.stp: OK" in lines, lines
+    failed = [l for l in lines if l.startswith("\\x1b[31mred\\x9b2J\\u2028.stp: FAILED: ")]
+    assert len(failed) == 1, lines
+    # The script's stderr named the script: escaped there too.
+    assert "fake failure in \\x1b[31mred\\x9b2J\\u2028.stp" in failed[0], failed
+
+
 def test_empty_directory_one_line_error(scripts):
     r = run_check(scripts, FAKESTAP)
     assert r.rc != 0, r

@@ -296,15 +296,19 @@ def test_exactly_100_headers_are_accepted(dirs, exporter_factory):
 
 
 def test_connection_cap(dirs, exporter_factory):
-    exp = exporter_factory(["--max-connections", "5"])
-    held = [connect(exp) for _ in range(5)]
+    """All slots busy with requests: a new connection gets a short 503 (an
+    idle or stalled one would have been closed to make room instead, see
+    test_slots.py)."""
+    scripts, _ = dirs
+    write_script(scripts, "fifo.stp", "mode=fifo")
+    exp = exporter_factory(["--max-connections", "5", "--scrape-timeout", "3"])
+    exp.get_until("/fifo.stp")
+    (pid,) = exp.children()
+    os.kill(pid, signal.SIGSTOP)     # its writer freezes: scrapes wait 3 s
+    held = [connect(exp, timeout=10) for _ in range(5)]
     try:
-        # Make sure all five are accepted and counted: each gets an answer on
-        # a keep-alive request, and stays open.
         for s in held:
-            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
-            r = read_response(s.makefile("rb"))
-            assert r is not None and r.status == 200
+            s.sendall(b"GET /fifo.stp HTTP/1.1\r\nHost: x\r\n\r\n")
         t0 = time.monotonic()
         with connect(exp) as sixth:
             data, closed = read_until_close(sixth, timeout=5)
@@ -313,7 +317,14 @@ def test_connection_cap(dirs, exporter_factory):
         assert b"Too many connections" in data
         assert b"Retry-After:" in data
         assert closed
+        exp.wait_log(r'event=http client=127\.0\.0\.1:\d+ msg="refused connection: all 5'
+                     r' slots busy with requests', timeout=5)
+        # The held requests are answered all the same.
+        for s in held:
+            r = read_response(s.makefile("rb"))
+            assert r is not None and r.status == 503, r
     finally:
+        os.kill(pid, signal.SIGCONT)
         for s in held:
             s.close()
     r = wait_for(lambda: (lambda r: r if r.status == 200 else None)(exp.get("/-/healthy")),
@@ -347,7 +358,7 @@ def test_emfile_pauses_accepting_and_recovers(dirs, tmp_path):
                      message="a request after descriptors freed up")
         assert r.status == 200
         assert time.monotonic() - t0 < 8
-        exp.wait_log(r"event=accept accepting connections again", timeout=5)
+        exp.wait_log(r'event=accept msg="accepting connections again', timeout=5)
         text = exp.log_text()
         assert len(re.findall(r"event=accept .*pausing", text)) == 1, text[-3000:]
         assert "Traceback" not in text
@@ -921,7 +932,7 @@ def test_leftovers_of_a_killed_exporter_are_cleaned(dirs, tmpdir_env):
                     if d.startswith("stap-exporter.%d." % dead)]
         text = new.log_text()
         assert "event=leftovers" in text
-        assert re.search(r"event=leftovers stopping 2 processes of a dead exporter", text), text
+        assert re.search(r'event=leftovers msg="stopping 2 processes of a dead exporter', text), text
         assert new.get_until("/stubborn.stp").status == 200
         assert_clean_log(new)
     finally:
@@ -1087,7 +1098,7 @@ def test_sigterm_under_load(dirs, exporter_factory):
         if kind == "response":
             assert status in (200, 503), outcomes
     assert not exp.children()
-    exp.wait_log(r"event=exited stap-exporter stopped$", timeout=5)
+    exp.wait_log(r'event=exited msg="stap-exporter stopped"$', timeout=5)
     assert "Traceback" not in exp.log_text()
 
 
@@ -1167,7 +1178,7 @@ def test_keepalive_ignores_wall_clock_jumps(dirs, exporter_factory, tmp_path):
     os.rename(trigger + ".tmp", trigger)
     wait_for(lambda: os.path.exists(trigger + ".ack.%d" % exp.proc.pid), timeout=5,
              message="the exporter's clock to jump")
-    exp.wait_log(r"event=stopping script=a\.stp .*reason=idle", timeout=8, start=start)
+    exp.wait_log(r'event=stopping script=a\.stp .*reason="idle', timeout=8, start=start)
     took = time.monotonic() - t_last
     assert 2.5 <= took < 6, "stopped %.2fs after the last request" % took
     wait_for(lambda: not exp.children(), timeout=10)

@@ -178,7 +178,8 @@ def test_accepted_sockets_get_tcp_nodelay(monkeypatch):
     accepted, addr = listener.accept()
     try:
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-        server = srv.Server(("127.0.0.1", 0), lambda e, s: [])
+        server = srv.Server(("127.0.0.1", 0), lambda e, s: [], header_timeout=30.0,
+                            max_connections=512, send_timeout=10.0)
         server.handle(accepted, addr)
         assert seen and seen[0] != 0
     finally:

@@ -4,6 +4,7 @@ signals, clean-up.  Every wait is on a condition with a deadline."""
 import os
 import re
 import signal
+import shlex
 import time
 
 
@@ -55,7 +56,7 @@ def test_keepalive_stops_idle_script_and_request_restarts_it(dirs, exporter_fact
     assert pid_alive(pid)
     wait_for(lambda: not pid_alive(pid), timeout=10, message="idle script to stop")
     wait_for(lambda: row(exp, "a.stp")["state"] == "stopped", timeout=5)
-    exp.wait_log(r"event=stopping script=a\.stp pid=%d reason=idle" % pid)
+    exp.wait_log(r'event=stopping script=a\.stp pid=%d reason="idle' % pid)
     assert not exp.children()
     assert not os.listdir(str(procfs)), "module directory left behind"
     assert not workdirs(exp), "working directory left behind"
@@ -84,8 +85,8 @@ def test_autostart_restarts_after_being_killed(dirs, exporter_factory):
     exp = exporter_factory()
     first = wait_for(lambda: exp.children(), message="autostart child")[0]
     os.kill(first, signal.SIGKILL)
-    exp.wait_log(r"event=exited script=x-autostart\.stp pid=%d \(killed by SIGKILL" % first)
-    exp.wait_log(r"event=backoff script=x-autostart\.stp restarting in 1 s")
+    exp.wait_log(r'event=exited script=x-autostart\.stp pid=%d msg="\(killed by SIGKILL' % first)
+    exp.wait_log(r'event=backoff script=x-autostart\.stp msg="restarting in 1 s')
     second = wait_for(lambda: [p for p in exp.children() if p != first], timeout=10,
                       message="restarted child")[0]
     assert second != first
@@ -111,7 +112,7 @@ def test_stderr_is_logged_with_the_script_name(dirs, exporter_factory):
     write_script(scripts, "talk.stp", "stderr=hello_from_the_script")
     exp = exporter_factory()
     exp.get_until("/talk.stp")
-    exp.wait_log(r"event=stderr script=talk\.stp pid=\d+ hello from the script")
+    exp.wait_log(r'event=stderr script=talk\.stp pid=\d+ msg="hello from the script')
 
 
 def test_executable_script_runs_directly_with_module_appended(dirs, exporter_factory):
@@ -120,7 +121,7 @@ def test_executable_script_runs_directly_with_module_appended(dirs, exporter_fac
     exp = exporter_factory()
     assert exp.get_until("/wrapped.stp").status == 200
     line = exp.wait_log(r"event=spawned script=wrapped\.stp")
-    argv = line.split("argv=", 1)[1].split()
+    argv = shlex.split(line.split("argv=", 1)[1])[0].split()
     assert argv[0] == str(scripts / "wrapped.stp")
     assert argv[1] == "-m" and argv[2].startswith(exp.module_prefix)
     assert len(argv) == 3
@@ -132,7 +133,7 @@ def test_plain_script_runs_through_stap_command(dirs, exporter_factory):
     exp = exporter_factory()
     exp.get_until("/plain.stp")
     line = exp.wait_log(r"event=spawned script=plain\.stp")
-    argv = line.split("argv=", 1)[1].split()
+    argv = shlex.split(line.split("argv=", 1)[1])[0].split()
     assert argv[0].endswith("fakestap")
     assert argv[1] == "-m" and argv[3] == str(scripts / "plain.stp")
 
@@ -253,7 +254,7 @@ def test_script_ignoring_sigterm_is_killed_after_the_grace(dirs, exporter_factor
     exp = exporter_factory(["-k", "1", "--stop-timeout", "1"])
     exp.get_until("/stubborn.stp")
     pid = int(row(exp, "stubborn.stp")["pid"])
-    exp.wait_log(r"event=kill script=stubborn\.stp pid=%d did not stop within 1 s" % pid,
+    exp.wait_log(r'event=kill script=stubborn\.stp pid=%d msg="did not stop within 1 s' % pid,
                  timeout=10)
     wait_for(lambda: not pid_alive(pid), timeout=5)
     wait_for(lambda: row(exp, "stubborn.stp")["state"] == "stopped", timeout=5)
@@ -292,7 +293,7 @@ def test_sighup_rescans_and_starts_new_autostart(dirs, exporter_factory):
     write_script(scripts, "b.stp")
     write_script(scripts, "new-autostart.stp")
     exp.signal(signal.SIGHUP)
-    exp.wait_log(r"event=rescan 3 scripts \(added: b\.stp, new-autostart\.stp")
+    exp.wait_log(r'event=rescan msg="3 scripts \(added: b\.stp, new-autostart\.stp')
     assert "b.stp" in index_rows(exp)
     exp.wait_log(r"event=spawned script=new-autostart\.stp")
 
@@ -392,4 +393,4 @@ def test_stale_fifo_from_an_earlier_run_is_removed_before_start(dirs, exporter_f
     os.mkfifo(str(module_dir / "__prometheus"))  # no writer will ever come
     r = exp.get_until("/stale.stp", timeout=10)
     assert "fake_up" in r.text
-    exp.wait_log(r"event=stale script=stale\.stp removed .*%s" % re.escape(str(module_dir)))
+    exp.wait_log(r'event=stale script=stale\.stp msg="removed .*%s' % re.escape(str(module_dir)))

@@ -13,6 +13,7 @@ working directories.
 import glob
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -362,7 +363,7 @@ def test_restart_reuses_the_compiled_module(start, scripts, rs):
     r = first_then_ok(exp, "/ticks.stp")
     assert "ticks" in samples(r.text)
     line = exp.wait_log(event_re("spawned", "ticks.stp"), start=mark)
-    argv = line.split("argv=", 1)[1]
+    argv = shlex.split(line.split("argv=", 1)[1])[0]     # a quoted logfmt value
     assert os.path.basename(argv.split()[0]) == "stapbpf", line
     assert ".cache." in argv and argv.split()[1].endswith(".bo"), line
     assert kinds(stap_children(exp)) == {"stapbpf"}
