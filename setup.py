@@ -41,9 +41,11 @@ setup(
     entry_points={"console_scripts": ["stap-exporter = stapexporter:main"]},
     data_files=[
         ("share/man/man8", ["man/stap-exporter.8"]),
-        # The default --scripts directory (see cli.default_scripts_dir).
-        ("share/stap-exporter/scripts", sorted(glob.glob("examples/*.stp"))),
-        ("share/stap-exporter/scripts/bpf", sorted(glob.glob("examples/bpf/*.stp"))),
+        # Examples as documentation only: nothing goes into the scripts
+        # directory (/etc/stap-exporter, cli.default_scripts_dir), so no probe
+        # runs that the administrator did not put there.
+        ("share/doc/stap-exporter/examples", sorted(glob.glob("examples/*.stp"))),
+        ("share/doc/stap-exporter/examples/bpf", sorted(glob.glob("examples/bpf/*.stp"))),
         # Service files, for packagers to move into place.
         ("share/stap-exporter/dist", ["dist/stap-exporter.service",
                                       "dist/stap-exporter.sysconfig",
