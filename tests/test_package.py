@@ -33,7 +33,9 @@ REQUIRED_DEPENDS = ("python3-gevent", "python3-docopt", "python3-prometheus-clie
                     "python3-yaml", "python3-bcrypt", "systemtap")
 BUILD_TIMEOUT = 600
 APT_TIMEOUT = 300
-COMPILE_TIMEOUT = 60  # first scrape: stap compiles the script
+PURGED = ("", "unknown ok not-installed")
+COMPILE_TIMEOUT = 60
+LOG_LINES = 40  # first scrape: stap compiles the script
 
 pytestmark = [
     pytest.mark.package,
@@ -53,11 +55,31 @@ def run(cmd, timeout, cwd=None, env=None):
     return out
 
 
-def installed():
+def status():
     proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}", PACKAGE],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    return proc.stdout.decode().strip() not in ("", "unknown ok not-installed",
-                                                "deinstall ok config-files")
+    return proc.stdout.decode().strip()
+
+
+def installed():
+    return status() not in ("", "unknown ok not-installed", "deinstall ok config-files")
+
+
+def apt_get(action, target, want):
+    """apt-get ACTION -y TARGET; succeeds when our package's dpkg status is
+    WANT afterwards.  (apt-get also fails when another package's maintainer
+    script fails: pcp's calls systemctl, which machines without systemd lack.)"""
+    proc = subprocess.run(["apt-get", action, "-y", "-q", target], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+                          timeout=APT_TIMEOUT)
+    if action == "purge" and status() == "install ok config-files":
+        # apt-get stopped at the other package before purging our
+        # configuration files: finish what it started.
+        subprocess.run(["dpkg", "--purge", PACKAGE], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, timeout=APT_TIMEOUT)
+    assert status() in want, "apt-get %s %s: %s is %r:\n%s" % (
+        action, target, PACKAGE, status(), proc.stdout.decode("utf-8", "replace")[-4000:])
 
 
 def free_port():
@@ -69,10 +91,6 @@ def free_port():
 def version():
     with open(os.path.join(ROOT, "stapexporter_lib", "__init__.py")) as f:
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
-
-
-def apt_env():
-    return dict(os.environ, DEBIAN_FRONTEND="noninteractive")
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +139,11 @@ def installed_deb(deb):
     assert not installed(), "%s is already installed here: not touching it" % PACKAGE
     assert not os.path.exists(SCRIPTS_DIR), "%s exists already" % SCRIPTS_DIR
     try:
-        run(["apt-get", "install", "-y", "-q", deb], APT_TIMEOUT, env=apt_env())
+        apt_get("install", deb, ("install ok installed",))
         yield deb
     finally:
-        subprocess.run(["apt-get", "purge", "-y", "-q", PACKAGE], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=apt_env(), timeout=APT_TIMEOUT)
+        if installed():
+            apt_get("purge", PACKAGE, PURGED)
         shutil.rmtree(SCRIPTS_DIR, ignore_errors=True)
 
 
@@ -151,8 +168,9 @@ def test_install_run_scrape_stop_purge(installed_deb, tmp_path):
     finally:
         run(["sh", INIT, "stop"], 60)
     assert not processes_matching("stapexp_%d_" % pid), "scripts outlived the exporter"
-    run(["apt-get", "purge", "-y", "-q", PACKAGE], APT_TIMEOUT, env=apt_env())
-    assert not installed()
+    log = _log_tail()
+    assert "event=stopped" in log and "Traceback" not in log and "Warning" not in log, log
+    apt_get("purge", PACKAGE, PURGED)
     left = [p for p in ("/usr/bin/stap-exporter", DEFAULTS, INIT, LOGFILE, PIDFILE,
                         "/var/cache/stap-exporter") + tuple(glob.glob("/lib/systemd/system/"
                                                                       "stap-exporter*"))
@@ -185,7 +203,7 @@ def _scrape_until_metrics(port):
 def _log_tail():
     try:
         with open(LOGFILE, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-30:])
+            return "".join(f.readlines()[-LOG_LINES:])
     except OSError as exc:
         return str(exc)
 
