@@ -70,7 +70,7 @@ class SelfMetrics:
         self.scrape_errors = Counter(
             "stap_exporter_scrape_errors",
             "Requests for a script that got no metrics, by reason: not_ready, failed,"
-            " unavailable, invalid.", ["script", "reason"], registry=self.registry)
+            " unavailable, busy, invalid.", ["script", "reason"], registry=self.registry)
         self._duration_children = {}
 
     def observe(self, script: str, seconds: float, error_reason=None) -> None:
