@@ -277,3 +277,5 @@ def test_debian_changelog_version_is_the_program_version():
     assert match, first
     assert match.group(1) == __version__, \
         "debian/changelog says %s, stapexporter_lib says %s" % (match.group(1), __version__)
+    th = re.search(r'^\.TH .*"stap\\-exporter ([^"]+)"', read(MANPAGE), re.M)
+    assert th and th.group(1) == __version__, "man page .TH names another version"
