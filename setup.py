@@ -14,6 +14,14 @@ def version():
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 
+def requirements():
+    """install_requires from requirements.txt, the one place the supported
+    versions (gevent's tested range above all) are written down."""
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        return [line.strip() for line in f
+                if line.strip() and not line.lstrip().startswith("#")]
+
+
 def readme():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         return f.read()
@@ -29,14 +37,15 @@ setup(
     python_requires=">=3.7",
     py_modules=["stapexporter"],
     packages=["stapexporter_lib"],
-    install_requires=["gevent>=20.0", "docopt>=0.6.2", "prometheus_client>=0.9",
-                      "PyYAML>=5.1", "bcrypt>=3.1"],
+    install_requires=requirements(),
     entry_points={"console_scripts": ["stap-exporter = stapexporter:main"]},
     data_files=[
         ("share/man/man8", ["man/stap-exporter.8"]),
-        # The default --scripts directory (see cli.default_scripts_dir).
-        ("share/stap-exporter/scripts", sorted(glob.glob("examples/*.stp"))),
-        ("share/stap-exporter/scripts/bpf", sorted(glob.glob("examples/bpf/*.stp"))),
+        # Examples as documentation only: nothing goes into the scripts
+        # directory (/etc/stap-exporter, cli.default_scripts_dir), so no probe
+        # runs that the administrator did not put there.
+        ("share/doc/stap-exporter/examples", sorted(glob.glob("examples/*.stp"))),
+        ("share/doc/stap-exporter/examples/bpf", sorted(glob.glob("examples/bpf/*.stp"))),
         # Service files, for packagers to move into place.
         ("share/stap-exporter/dist", ["dist/stap-exporter.service",
                                       "dist/stap-exporter.sysconfig",

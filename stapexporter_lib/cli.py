@@ -10,8 +10,6 @@ import dataclasses
 import math
 import os
 import shlex
-import sys
-import sysconfig
 from typing import List, Optional
 
 from docopt import DocoptExit, docopt
@@ -19,22 +17,16 @@ from docopt import DocoptExit, docopt
 from . import __version__, discovery, procfs, trust
 
 PROG = "stap-exporter"
+DEFAULT_SCRIPTS_DIR = "/etc/stap-exporter"
 
 
 def default_scripts_dir() -> str:
-    """Where the bundled scripts are installed: DATA/share/stap-exporter/scripts,
-    DATA being the install scheme's data directory (/usr/local for pip as root on
-    Debian) or sys.prefix (/usr for a distribution package): the first that
-    exists, else the first."""
-    candidates = []
-    for base in (sysconfig.get_path("data"), sys.prefix):
-        path = os.path.join(base, "share", "stap-exporter", "scripts")
-        if path not in candidates:
-            candidates.append(path)
-    for path in candidates:
-        if os.path.isdir(path):
-            return path
-    return candidates[0]
+    """The default of --scripts: /etc/stap-exporter, where stappaths(7) puts
+    stap-exporter's scripts, however the program was installed (Debian
+    package, pip, a checkout).  Nothing installs a script there: the bundled
+    examples go to PREFIX/share/doc/stap-exporter/examples/, so the exporter
+    runs only scripts the administrator chose."""
+    return DEFAULT_SCRIPTS_DIR
 
 
 USAGE = """\

@@ -10,8 +10,8 @@ Usage from tests (tests/ is on sys.path via conftest)::
     exporter_args = ["--stap", rs.stap]
     rs.write_wrapper_script(scripts_dir / "ticks.stp", TICKS)
 
-Why each device exists (see /work/shared/spec/real-systemtap.md, "The recipe"
-and "What the runtime does"):
+Why each device exists (observed with Debian 12's systemtap 4.8 on machines
+without kernel headers; "recipe step N" is the order in which they are set up):
 
 * Only the BPF runtime works here: these machines have no kernel headers, so
   the default kernel-module runtime cannot compile anything.  The BPF runtime

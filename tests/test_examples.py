@@ -38,7 +38,7 @@ HELP_RE = re.compile(r"^// prometheus: HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) (\S.*)$")
 BROKEN_MACRO_RE = re.compile(r"@prometheus_dump_array4(_map)?(_unquoted)?\b"
                              r"|@prometheus_dump_array8_map_unquoted\b")
 HEADER_FIELDS = ("Measures:", "Probes:", "Overhead:", "Runtime:")
-# Probe points the BPF runtime supports on these machines (real-systemtap.md):
+# Probe points the BPF runtime supports on these machines (see tests/realstap.py):
 # timers, procfs and user-space probes on a library or program given by its
 # absolute path (optionally `!`, sufficient: the first that resolves wins).
 BPF_PROBE_RE = re.compile(r"^(begin|end|error|timer\.\w+\(\d+\)|procfs\b.*|prometheus"

@@ -1,9 +1,8 @@
 """stap-exporter end to end with the REAL SystemTap BPF runtime.
 
 Every test starts the real daemon (conftest ``Exporter``) with ``--stap`` set to
-the wrapper written by tools/stap-bpf-setup (see tests/realstap.py and
-/work/shared/spec/real-systemtap.md) and the real runtime's output
-directories as ``--procfs-dirs``.  Every wait is on a condition with a deadline.
+the wrapper written by tools/stap-bpf-setup (see tests/realstap.py) and the
+real runtime's output directories as ``--procfs-dirs``.  Every wait is on a condition with a deadline.
 Whatever happens, each test's teardown stops its exporter, SIGKILLs every
 process whose command line carries the exporter's module prefix
 (``stapexp_<exporterpid>_``) and removes that exporter's FIFO directories and

@@ -82,7 +82,10 @@ def test_unit_sections(unit):
 
 def test_unit_exec_and_options(unit):
     svc = unit["Service"]
-    assert get(svc, "EnvironmentFile") == "-/etc/sysconfig/stap-exporter"
+    # Both options files, each optional ('-'): Debian's and RPM-style systems'.
+    env_files = [v for k, v in svc if k == "EnvironmentFile"]
+    assert sorted(env_files) == ["-/etc/default/stap-exporter",
+                                 "-/etc/sysconfig/stap-exporter"], env_files
     assert get(svc, "ExecStart") == "/usr/bin/stap-exporter $OPTIONS"
     reload_cmd = get(svc, "ExecReload")
     assert reload_cmd and re.search(r"\bkill\b.*-(HUP|SIGHUP|s HUP)\b.*\$MAINPID", reload_cmd), \
