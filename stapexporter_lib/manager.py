@@ -55,7 +55,7 @@ class Manager:
         for directory in self.config.procfs_dirs:
             refusal = trust.dir_refusal(directory)
             if refusal:
-                log.warning("untrusted: procfs-dir=%s %s; script output found there will be"
+                log.warning("untrusted: procfs_dir=%s %s; script output found there will be"
                             " refused: remove the directory (systemtap recreates it) or make"
                             " it owned by root and not writable by group or others",
                             directory, refusal)

@@ -16,9 +16,11 @@ know about sessions, HTTP or metrics, or signal anything.
 """
 
 import os
+import time
 from typing import Dict, Iterable, NamedTuple, Optional
 
 import gevent
+import gevent.event
 
 DEFAULT_PROC = "/proc"
 
@@ -105,10 +107,37 @@ def group_costs(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cos
     return {pgid: Cost(cpu, rss, n) for pgid, (cpu, rss, n) in totals.items()}
 
 
-def measure(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cost]:
+# How long one pass over /proc answers for: the index page and /metrics
+# share it, so a client repeating GET / cannot make the exporter scan /proc
+# more than once per MAX_AGE seconds.
+MAX_AGE = 1.0
+
+_last = {}  # (proc, pgids) -> (monotonic time, result or AsyncResult in flight)
+
+
+def measure(pgids: Iterable[int], proc: str = DEFAULT_PROC,
+            clock=time.monotonic) -> Dict[int, Cost]:
     """``group_costs`` run in the gevent hub's thread pool, so that a greenlet
-    answering a request never blocks the hub on hundreds of file reads."""
-    pgids = list(pgids)
-    if not pgids:
+    answering a request never blocks the hub on hundreds of file reads; one
+    pass at a time and at most one per MAX_AGE seconds for the same groups
+    (callers meanwhile share its result)."""
+    key = (proc, frozenset(pgids))
+    if not key[1]:
         return {}
-    return gevent.get_hub().threadpool.apply(group_costs, (pgids, proc))
+    now = clock()
+    entry = _last.get(key)
+    if entry is not None and now - entry[0] < MAX_AGE:
+        result = entry[1]
+        return result.get() if isinstance(result, gevent.event.AsyncResult) else result
+    flight = gevent.event.AsyncResult()
+    _last.clear()  # only the newest set of groups is worth keeping
+    _last[key] = (now, flight)
+    try:
+        result = gevent.get_hub().threadpool.apply(group_costs, (list(key[1]), proc))
+    except BaseException as exc:
+        _last.pop(key, None)
+        flight.set_exception(exc)
+        raise
+    _last[key] = (now, result)
+    flight.set(result)
+    return result

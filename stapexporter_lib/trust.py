@@ -32,6 +32,8 @@ MAX_REMOVE_OPERATIONS = 1_000_000
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# How often a replaced output file is checked again before it is refused.
+OPEN_ATTEMPTS = 5
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TYPE_NAMES = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -170,25 +172,39 @@ def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]
     try:
         check_stat(mod_path, os.fstat(mod_fd))
         path = os.path.join(mod_path, name)
-        probe = os.open(name, _PATH_FLAGS, dir_fd=mod_fd)
-        try:
-            st = os.fstat(probe)
-        finally:
-            os.close(probe)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-            raise Untrusted(path, "is %s, not a regular file or FIFO" % type_name(st.st_mode))
-        problem = owner_problem(st)
-        if problem:
-            raise Untrusted(path, problem)
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=mod_fd)
+        # A writer that replaces the file (write and rename) between the
+        # check and the open is no attack: check the new one.  Only a file
+        # that keeps changing under us is refused.
+        for _ in range(OPEN_ATTEMPTS):
+            st = _checked_output_stat(mod_fd, name, path)
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=mod_fd)
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino):
+                break
+            os.close(fd)
+        else:
+            raise Untrusted(path, "was replaced while it was being opened, %d times"
+                            % OPEN_ATTEMPTS)
     finally:
         os.close(mod_fd)
-    opened = os.fstat(fd)
-    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-        os.close(fd)
-        raise Untrusted(path, "was replaced while it was being opened")
     return fd, opened
+
+
+def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:
+    """The fstat of NAME in MOD_FD, opened O_PATH (a device is never opened):
+    a regular file or FIFO owned by a trusted user, else Untrusted."""
+    probe = os.open(name, _PATH_FLAGS, dir_fd=mod_fd)
+    try:
+        st = os.fstat(probe)
+    finally:
+        os.close(probe)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise Untrusted(path, "is %s, not a regular file or FIFO" % type_name(st.st_mode))
+    problem = owner_problem(st)
+    if problem:
+        raise Untrusted(path, problem)
+    return st
 
 
 def script_refusal(path: str) -> Optional[str]:

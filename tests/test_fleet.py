@@ -113,7 +113,7 @@ def test_hostile_host_header_is_never_echoed(dirs, exporter_factory):
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), (host, data[:300])
         assert json.loads(body)[0]["targets"] == [local], host
-    exp.wait_log(r"event=targets refused Host header .*evil.* advertising the local address %s"
+    exp.wait_log(r"event=targets msg=\"refused Host header .*evil.* advertising the local address %s"
                  % local.replace(".", r"\."))
     assert "\x1b" not in exp.log_text()
 

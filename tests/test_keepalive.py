@@ -57,7 +57,7 @@ def test_pipelined_requests_outlive_the_header_timeout(dirs, exporter_factory):
             s.sendall(batch)
             for _ in range(10):
                 status, headers = _read_response(f)
-                assert status == 200, status
+                assert status == 200, (status, headers[":body"], exp.log_text()[-3000:])
                 assert headers.get("connection") != "close"
                 answered += 1
         s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -77,7 +77,8 @@ def _read_response(f):
             break
         k, _, v = h.decode("latin-1").partition(":")
         headers[k.strip().lower()] = v.strip()
-    f.read(int(headers.get("content-length", "0")))
+    body = f.read(int(headers.get("content-length", "0")))
+    headers[":body"] = body
     return int(line.split()[1]), headers
 
 

@@ -99,7 +99,7 @@ def test_crashing_autostart_backs_off(dirs, exporter_factory):
     scripts, _ = dirs
     write_script(scripts, "crash-autostart.stp", "fail")
     exp = exporter_factory()
-    exp.wait_log(r"event=backoff script=crash-autostart\.stp restarting in 1 s after exit"
+    exp.wait_log(r"event=backoff script=crash-autostart\.stp msg=\"restarting in 1 s after exit"
                  r" status 1")
     r = exp.get("/crash-autostart.stp")
     assert r.status == 503

@@ -41,7 +41,7 @@ def test_probe_end_runs_on_every_stop(start, scripts):
     text = exp.log_text()
     assert len(ended.findall(text)) == STOPS, text[-3000:]
     assert not ABORTS.search(text), ABORTS.search(text).group(0) + "\n" + text[-3000:]
-    stopped = re.findall(r"event=stopped script=ending\.stp pid=\d+ \(([^)]*)\)", text)
+    stopped = re.findall(r"event=stopped script=ending\.stp pid=\d+ msg=\"\(([^)]*)\)", text)
     assert len(stopped) == STOPS, stopped
     # (Under a heavily loaded machine one of 20 stops once ended with another
     # status than 0, with its end line logged: what matters is no abort.)

@@ -101,8 +101,11 @@ def test_pipelining_clients_that_never_read_cannot_hold_the_slots(dirs, exporter
         assert queues and max(queues) <= 256 * 1024, queues
         _well_behaved_client_is_served(exp)
         # Each is dropped after reading nothing for --send-timeout.
-        wait_for(lambda: all(a.error for a in attackers), timeout=15,
-                 message="the server to drop every attacker")
+        try:
+            wait_for(lambda: all(a.error for a in attackers), timeout=15,
+                     message="the server to drop every attacker")
+        except AssertionError:
+            raise AssertionError([a.error for a in attackers] + [exp.log_text()[-4000:]])
         assert all(isinstance(a.error, (ConnectionResetError, BrokenPipeError))
                    for a in attackers), [a.error for a in attackers]
         exp.wait_log(r'event=http client=127\.0\.0\.1:\d+ msg="dropped connection: read'

@@ -168,11 +168,11 @@ def test_sweep_survives_huge_numbers_odd_names_and_deep_trees(dirs, attacker,
         assert os.path.islink(link) and os.path.exists(fifo)
         text = exp.log_text()
         assert "Traceback" not in text and "OverflowError" not in text, text
-        assert re.search(r"event=leftovers leaving %s alone: is owned by uid %d"
+        assert re.search(r"event=leftovers msg=\"leaving %s alone: is owned by uid %d"
                          % (re.escape(users_deep), attacker.uid), text), text
-        assert re.search(r"event=leftovers leaving %s alone: is a symbolic link"
+        assert re.search(r"event=leftovers msg=\"leaving %s alone: is a symbolic link"
                          % re.escape(link), text), text
-        assert re.search(r"event=leftovers removed %s" % re.escape(root_deep), text), text
+        assert re.search(r"event=leftovers msg=\"removed %s" % re.escape(root_deep), text), text
     finally:
         exp.stop()
 
@@ -209,10 +209,10 @@ def test_sweep_kills_only_what_is_ours(dirs, attacker, tmpdir_shared):
                  message="the real leftovers to be stopped")
         assert os.path.isdir(renamed) and not os.path.exists(ours_dir)
         text = exp.log_text()
-        assert re.search(r"event=leftovers stopping 2 processes of a dead exporter", text), text
-        assert re.search(r"event=leftovers leaving pid \d+ alone: it runs as uid %d"
+        assert re.search(r"event=leftovers msg=\"stopping 2 processes of a dead exporter", text), text
+        assert re.search(r"event=leftovers msg=\"leaving pid \d+ alone: it runs as uid %d"
                          % attacker.uid, text), text
-        assert re.search(r"event=leftovers leaving %s alone: not a private directory of ours"
+        assert re.search(r"event=leftovers msg=\"leaving %s alone: not a private directory of ours"
                          r" \(uid %d" % (re.escape(renamed), attacker.uid), text), text
     finally:
         exp.stop()
@@ -245,7 +245,7 @@ def test_sweep_never_signals_a_reused_pid(dirs, tmpdir_shared):
             assert f.read() == g.read(), "the pid was not reused: the attack did not happen"
         assert [p for p in processes_matching(recycled) if cmdline(p) == "sleep " + recycled], \
             "the process that got the reused pid was killed"
-        assert re.search(r"event=leftovers stopping 2 processes", exp.log_text())
+        assert re.search(r"event=leftovers msg=\"stopping 2 processes", exp.log_text())
     finally:
         exp.stop()
 
@@ -272,7 +272,7 @@ def test_cleanup_survives_deep_trees(dirs):
         assert not os.path.exists(moddir)
         deep_tree(str(procfs / (exp.module_prefix + "stale")), DEPTH)
         assert exp.get_until("/stale.stp").status == 200
-        exp.wait_log(r"event=stale script=stale.stp removed")
+        exp.wait_log(r"event=stale script=stale.stp msg=\"removed")
         assert exp.get_until("/nests.stp").status == 200
         exp.wait_log(r"event=stopped script=nests.stp", timeout=20)
         assert not [d for d in os.listdir(os.environ.get("TMPDIR", "/tmp"))

@@ -87,7 +87,7 @@ def test_attacker_owned_output_directory(dirs, start, attacker, shared, tmp_path
     entry = os.path.join(shared, "systemtap-root")
     attacker.run("mkdir", "-m", "0755", entry)
     exp = start(entry)
-    exp.wait_log(r"event=untrusted procfs-dir=%s .*owned by uid %d .*remove the directory"
+    exp.wait_log(r"event=untrusted procfs_dir=%s .*owned by uid %d .*remove the directory"
                  % (re.escape(entry), attacker.uid))
     reason = "%s is owned by uid %d" % (entry, attacker.uid)
 
@@ -126,7 +126,7 @@ def test_attacker_owned_output_directory(dirs, start, attacker, shared, tmp_path
     exp.stop()
     assert os.path.exists(os.path.join(target, "keep")), "cleaned up through a link"
     secret.assert_not_in(exp.log_text(), r.text, index)
-    assert re.search(r"event=cleanup refused to remove %s is a symbolic link"
+    assert re.search(r"event=cleanup msg=\"refused to remove %s is a symbolic link"
                      % re.escape(module_path(exp, entry, "linked.stp")), exp.log_text())
 
     # The same scripts in a root-owned setup serve as before.
@@ -188,7 +188,7 @@ def test_untrusted_things_in_a_trusted_directory(dirs, start, attacker, tmp_path
     # (The stand-in runtime itself unlinks MODULE/__prometheus by name when it
     # stops; the exporter's clean-up follows no link.)
     assert (elsewhere / "keep").exists(), "cleaned up through a link"
-    assert re.search(r"event=cleanup refused to remove %s is a symbolic link"
+    assert re.search(r"event=cleanup msg=\"refused to remove %s is a symbolic link"
                      % re.escape(moddir), exp.log_text())
     secret.assert_not_in(exp.log_text())
 
@@ -278,4 +278,4 @@ def test_insecure_scripts_is_the_documented_way_out(dirs, start, shared):
     os.chmod(os.path.join(loose, "s.stp"), 0o666)
     exp = start(str(procfs), ["--insecure-scripts"], scripts=loose)
     assert exp.get_until("/s.stp").status == 200
-    exp.wait_log(r"event=insecure --insecure-scripts")
+    exp.wait_log(r"event=insecure msg=\"--insecure-scripts")
