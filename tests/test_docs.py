@@ -119,3 +119,53 @@ def test_manpage_synopsis_matches_usage_lines():
     for line in usage.strip().splitlines():
         for word in re.findall(r"(?<![\w-])--?[a-z][a-z-]*", line):
             assert mentions(synopsis, word), "%s (usage: %r) not in SYNOPSIS" % (word, line)
+
+
+# -- states and self-metrics: read from the code, documented in both places ------
+
+def code_states():
+    from stapexporter_lib import states
+    return list(states.ALL_STATES)
+
+
+def code_metric_names():
+    """Every self-metric name as /metrics exposes it (counters with _total,
+    info with _info), read from a SelfMetrics registry with no scripts."""
+    from stapexporter_lib.selfmetrics import SelfMetrics
+
+    class NoScripts:
+        def all(self):
+            return []
+    suffix = {"counter": "_total", "info": "_info"}
+    names = []
+    for family in SelfMetrics(NoScripts()).registry.collect():
+        if not family.name.startswith("process_"):  # documented as process_*
+            names.append(family.name + suffix.get(family.type, ""))
+    return sorted(names)
+
+
+def test_code_lists_states_and_metrics():
+    # Guards the readers above: the checks below would be vacuous without them.
+    assert {"running", "backoff", "refused"} <= set(code_states())
+    assert {"stap_exporter_script_up", "stap_exporter_script_state",
+            "stap_exporter_script_starts_total", "stap_exporter_build_info"} \
+        <= set(code_metric_names())
+
+
+@pytest.mark.parametrize("state", code_states())
+def test_state_documented(state):
+    readme_states = re.search(r"^\* States.*?(?=^\* )", read(README), re.M | re.S).group(0)
+    assert "* `%s`: " % state in readme_states, "state %s not in README's States list" % state
+    lifecycle = re.search(r"^\.SH LIFECYCLE$(.*?)^\.SH ", read(MANPAGE), re.M | re.S).group(1)
+    assert re.search(r"^\.TP\n\.B %s\n" % state, lifecycle, re.M), \
+        "state %s not in the man page's LIFECYCLE list" % state
+
+
+@pytest.mark.parametrize("name", code_metric_names())
+def test_metric_documented(name):
+    assert re.search(r"^\| `%s[{`]" % re.escape(name), read(README), re.M), \
+        "metric %s not in README's /metrics table" % name
+    monitoring = re.search(r"^\.SH SELF\\-MONITORING$(.*?)^\.SH ", read(MANPAGE),
+                           re.M | re.S).group(1)
+    assert re.search(r'^\.B "?%s[{"\n]' % re.escape(name), monitoring, re.M), \
+        "metric %s not in the man page's SELF-MONITORING list" % name
