@@ -192,12 +192,19 @@ def test_backoff_doubles_to_the_cap_and_resets_after_a_long_run(world):
     assert s.last_error == "exit status 1"
 
 
-def test_a_stop_during_backoff_ends_it_at_once(world):
+def crashed_autostart(world, code=1):
+    """An autostart session whose first run exited with CODE: in BACKOFF."""
     make, vt, fake, _ = world
     s = make("crash-autostart.stp")
     s.start()
-    spawned(fake, 1).exit(1)
+    spawned(fake, 1).exit(code)
     settle(lambda: s.state == "backoff", "backoff")
+    return s
+
+
+def test_a_stop_during_backoff_ends_it_at_once(world):
+    fake = world[2]
+    s = crashed_autostart(world)
     s.stop(timeout=SETTLE)
     assert s.state == "stopped" and not s.live and len(fake.procs) == 1
 
@@ -551,11 +558,7 @@ def test_an_untrusted_output_is_refused_while_the_process_runs_on(world, tmp_pat
 
 
 def test_a_crashing_autostart_script_shows_backoff_with_its_reason(world):
-    make, vt, fake, _ = world
-    s = make("crash-autostart.stp")
-    s.start()
-    spawned(fake, 1).exit(2)
-    settle(lambda: s.state == "backoff", "backoff")
+    s = crashed_autostart(world, 2)
     assert s.last_error == "exit status 2" and s.retry_in() == 1
     assert state_gauges(s)["backoff"] == 1
     from stapexporter_lib import indexpage
