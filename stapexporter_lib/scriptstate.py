@@ -160,8 +160,9 @@ class ScriptState:
 
     def output_refused(self, message: str) -> None:
         """The running process's output is not trusted: REFUSED (the process
-        runs on), MESSAGE shown and logged once."""
-        if self.state in (STARTING, RUNNING):
+        runs on), MESSAGE shown and logged once.  (Before the spawn, what was
+        found is a stale output: the spawn removes it, the state stays.)"""
+        if self.state in (STARTING, RUNNING) and self._run is not None:
             self._transition(REFUSED)
         self.note_refusal(message)
 

@@ -566,3 +566,17 @@ def test_a_crashing_autostart_script_shows_backoff_with_its_reason(world):
                               s.last_output_bytes, s.output_read, None, None, s.last_error,
                               [], s.retry_in())
     assert indexpage.reason(row) == "exit status 2 (restarting in 1s)"
+
+
+def test_a_stale_untrusted_output_before_the_spawn_does_not_refuse_the_start(world, tmp_path):
+    make, vt, fake, procfs_dir = world
+    s = make()
+    module_dir = procfs_dir / s.script.module
+    module_dir.mkdir()
+    os.symlink(str(tmp_path / "elsewhere"), str(module_dir / "__prometheus"))
+    scrape = gevent.spawn(s.scrape, 5)
+    spawned(fake, 1)  # the spawn removes what an earlier run left
+    vt.advance(1)
+    assert scrape.get(timeout=SETTLE).kind in (Outcome.UNTRUSTED, Outcome.NOT_READY)
+    assert s.state == "starting" and s.pid == fake.last.pid
+    assert not module_dir.exists()
