@@ -2,13 +2,19 @@
 an autostart script nobody scrapes is ``running`` and up as soon as its
 output exists; a script whose file is not trusted is ``refused`` with the
 reason (index and self-metrics) until the file is fixed; a crashing
-autostart script shows ``backoff`` with its exit and the next try."""
+autostart script shows ``backoff`` with its exit and the next try.  Once
+with the real BPF runtime too: looking for its FIFO (without opening it)
+turns an unscraped autostart script running and does not disturb stapbpf."""
 
 import os
 import re
 
+import pytest
+
 from conftest import wait_for, write_script
 from stapexporter_lib.states import ALL_STATES
+from test_realstap_e2e import (COMPILE_TIMEOUT, TICKS, rs, samples, scripts,  # noqa: F401
+                               start, write)
 
 DEADLINE = 10.0
 
@@ -94,3 +100,17 @@ def test_a_crashing_autostart_script_shows_backoff_with_its_reason(dirs, exporte
     r = wait_for(lambda: (lambda r: r.status == 503 and "exit status 7" in r.text and r)(
         exp.get("/crash-autostart.stp")), timeout=DEADLINE, message="a backoff answer")
     assert "will be restarted in" in r.text, r
+
+
+@pytest.mark.realstap
+def test_a_real_autostart_script_nobody_scraped_is_running_and_serves(start, scripts):
+    write(scripts, "autostart-ticks.stp", TICKS)
+    exp = start()
+    wait_for(lambda: metric(exp, "stap_exporter_script_up", script="autostart-ticks.stp") == 1,
+             timeout=COMPILE_TIMEOUT, message="up 1 without a scrape")
+    state, _, output, _ = index_row(exp, "autostart-ticks.stp")
+    assert (state, output) == ("running", "unread")
+    assert metric(exp, "stap_exporter_script_output_read", script="autostart-ticks.stp") == 0
+    r = exp.get("/autostart-ticks.stp")
+    assert r.status == 200 and "ticks" in samples(r.text), r
+    assert metric(exp, "stap_exporter_script_output_read", script="autostart-ticks.stp") == 1
