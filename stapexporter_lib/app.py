@@ -287,10 +287,10 @@ class App:
         return indexpage.ScriptRow(
             name=s.name, state=s.state, pid=s.pid, uptime=s.uptime(), starts=s.starts,
             scraped_ago=None if scraped is None else now - scraped,
-            output_bytes=s.last_output_bytes,
+            output_bytes=s.last_output_bytes, output_read=s.output_read,
             cpu_seconds=cost.cpu_seconds if cost else None,
             resident_bytes=cost.resident_bytes if cost else None,
-            last_error=s.last_error, stderr_tail=list(s.stderr_tail))
+            last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in())
 
 
 _date_cache = [0, ""]

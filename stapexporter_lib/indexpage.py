@@ -48,10 +48,12 @@ class ScriptRow(NamedTuple):
     starts: int
     scraped_ago: Optional[float]   # seconds since the last request for it
     output_bytes: int              # last output read (0: none yet)
+    output_read: bool              # the current run's output has been read
     cpu_seconds: Optional[float]   # the running process group's CPU time
     resident_bytes: Optional[int]  # the running process group's memory
-    last_error: Optional[str]
+    last_error: Optional[str]      # for refused and backoff: the reason
     stderr_tail: Sequence[str]     # shown only with an error
+    retry_in: Optional[float] = None  # backoff, refused autostart: next try in (s)
 
 
 class Page(NamedTuple):
@@ -95,12 +97,29 @@ def cpu(seconds: Optional[float]) -> str:
     return "-" if seconds is None else "%.2fs" % seconds
 
 
+def output_cell(row: ScriptRow) -> str:
+    """The last output's size; ``unread`` while the running process's output
+    exists but no request has read it yet."""
+    if row.pid and row.state == "running" and not row.output_read:
+        return "unread"
+    return size(row.output_bytes) if row.output_bytes else "-"
+
+
+def reason(row: ScriptRow) -> str:
+    """The last error (for ``refused`` and ``backoff``: why), with when the
+    next try comes; '-' for none."""
+    text = row.last_error or ""
+    if row.retry_in is not None:
+        then = "restarting" if row.state == "backoff" else "checking again"
+        text = "%s (%s in %s)" % (text or row.state, then, duration(row.retry_in))
+    return text or "-"
+
+
 def _cells(row: ScriptRow) -> List[str]:
     """The table cells of ROW, each one word (the text table splits on blanks)."""
     return [terminal_safe(row.name), row.state, str(row.pid) if row.pid else "-",
             duration(row.uptime), str(row.starts), duration(row.scraped_ago),
-            size(row.output_bytes) if row.output_bytes else "-", cpu(row.cpu_seconds),
-            size(row.resident_bytes)]
+            output_cell(row), cpu(row.cpu_seconds), size(row.resident_bytes)]
 
 
 HEADER = ("SCRIPT", "STATE", "PID", "UPTIME", "STARTS", "SCRAPED", "OUTPUT", "CPU", "MEMORY",
@@ -117,7 +136,7 @@ def render_text(page: Page) -> bytes:
     if page.error:
         lines.append("error: " + terminal_safe(page.error))
     table = [list(HEADER[:-1])] + [_cells(r) for r in page.rows]
-    last = [HEADER[-1]] + [terminal_safe(r.last_error or "-") for r in page.rows]
+    last = [HEADER[-1]] + [terminal_safe(reason(r)) for r in page.rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER) - 1)]
     for cells, tail in zip(table, last):
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + tail)
@@ -153,7 +172,7 @@ td.name{word-break:break-all;font-weight:600}
 .state{display:inline-block;padding:0 .5rem;border-radius:1rem;border:1px solid;
 font-size:.85em;white-space:nowrap}
 .running{color:var(--ok)}.starting,.stopping,.backoff{color:var(--warn)}
-.failed{color:var(--bad)}.stopped{color:var(--idle)}
+.failed,.refused{color:var(--bad)}.stopped{color:var(--idle)}
 pre{margin:.3rem 0 0;padding:.4rem;background:var(--head);white-space:pre-wrap;
 word-break:break-all;font-size:.85em;max-height:16rem;overflow:auto}
 details summary{cursor:pointer;color:var(--muted)}
@@ -187,7 +206,8 @@ def _td(label: str, css: str, content: str) -> str:
 def _html_row(row: ScriptRow) -> str:
     cells = _cells(row)
     ago = "-" if row.scraped_ago is None else duration(row.scraped_ago) + " ago"
-    error = _h(row.last_error) if row.last_error else "-"
+    error = reason(row)
+    error = _h(error) if error != "-" else error
     if row.last_error and row.stderr_tail:
         error += ("<details><summary>standard error, last %d lines</summary><pre>%s</pre>"
                   "</details>" % (len(row.stderr_tail), _h("\n".join(row.stderr_tail))))

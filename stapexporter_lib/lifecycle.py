@@ -1,20 +1,23 @@
 """One script's lifecycle: the state machine and its policy -- when to start,
 stop, back off and restart a script's process.
 
-``Lifecycle`` (the base of ``session.Session``) owns at most one
-``child.ChildRun`` at a time.  Every state change goes through
-``Lifecycle._transition``, which checks it against ``states.TRANSITIONS``.  One
-watchdog greenlet per live script waits for whichever comes first -- the
-child's exit, the keepalive deadline, or a stop request -- and acts on it; it
-also sleeps through an autostart script's backoff and restarts it.  What a
-start runs comes from ``launch.Launch``; each run's output location is reset
-on the ``reader.OutputReader``.
+``Lifecycle`` (the base of ``session.Session``, built on
+``scriptstate.ScriptState``) owns at most one ``child.ChildRun`` at a time.
+Every state change goes through ``_transition``, which checks it against
+``states.TRANSITIONS``.  One watchdog greenlet per live script waits for
+whichever comes first -- the child's exit, the keepalive deadline, or a stop
+request -- and acts on it; while the script starts it also looks for the
+output every ``OUTPUT_POLL_INTERVAL`` (a script is ``running`` once its
+output exists, read or not).  It sleeps through an autostart script's backoff
+(or the wait before its refused file is checked again) and restarts it.  What
+a start runs comes from ``launch.Launch``; each run's output location is
+reset on the ``reader.OutputReader``.
 
 The clock, the waits, the process launcher and the group signal are
 injectable, so tests drive the state machine with a fake clock and a fake
 process.
 
-Owns the state, the counters, the timing and the watchdog.  Must not know
+Owns the process policy, the counters, the timing and the watchdog.  Must not know
 about HTTP or answer scrapes (``session.py``), fork or signal processes itself
 (``child.py``), or read output files (``reader.py``/``procfs.py``).
 """
@@ -28,27 +31,20 @@ import time
 from typing import Callable, Deque, List, Optional
 
 import gevent
-import gevent.event
 from gevent import subprocess
 
-from . import trust
 from .catalog import Script
 from .child import (ChildRun, Seams, Waiter, escape_line, remove_module_dirs, stop_budget,
                     wait_any)
 from .launch import Launch
-from .reader import OutputReader
-from .states import (BACKOFF, FAILED, RUNNING, STARTABLE_STATES, STARTING, STOPPED, STOPPING,
-                     TRANSITIONS)
+from .scriptstate import OUTPUT_POLL_INTERVAL, ScriptState
+from .states import (BACKOFF, FAILED, OUTPUT_PENDING_STATES, REFUSED, STARTABLE_STATES, STARTING,
+                     STOPPED, STOPPING)
 
 log = logging.getLogger("stap-exporter")
 
 # Lines of a script's standard error kept for error pages and the index.
 STDERR_TAIL = 20
-
-# How a script trust refusal starts (to know when one is fixed), and how many
-# distinct refusals a session remembers (each is logged once).
-SCRIPT_REFUSAL = "refused to run "
-MAX_REFUSALS_REMEMBERED = 64
 
 # Backoff for autostart scripts that exit: 1 s doubling to 60 s, back to 1 s
 # once a run has lasted BACKOFF_RESET seconds.
@@ -103,7 +99,7 @@ def describe_exit(returncode: Optional[int]) -> str:
     return "exit status %d" % returncode
 
 
-class Lifecycle:
+class Lifecycle(ScriptState):
     """The process side of one script's session: its state, its runs, and the
     watchdog that moves it from state to state."""
 
@@ -112,51 +108,16 @@ class Lifecycle:
                  popen=subprocess.Popen, wait: Waiter = wait_any,
                  killpg: Callable[[int, int], None] = os.killpg,
                  kill: Callable[[int, int], None] = os.kill):
-        self.script = script
-        self.config = config
-        self.clock = clock
+        super().__init__(script, config, clock)
         self._os = Seams(clock=clock, wait=wait, popen=popen, killpg=killpg, kill=kill)
-        self.state = STOPPED
-        self._run: Optional[ChildRun] = None
-        self.started_at: Optional[float] = None  # clock() of the last spawn
         self.starts = 0
         self.restarts = 0
         self.exits = collections.Counter()  # outcome -> count
-        self.last_error: Optional[str] = None
         self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.last_request = clock()
-        self.backoff_until: Optional[float] = None
         self._backoff = Backoff()
         self._stop_requested = False
-        self._wake = gevent.event.Event()
-        self._changed = gevent.event.Event()
-        self._watchdog: Optional[gevent.Greenlet] = None
         self._launch = Launch(script, config.stap, config.module_cache)
-        self._reader = OutputReader(script, config.procfs_dirs, config.max_output, clock)
-        self._produced = False  # this run's output has been read
-        self._refusals_logged = set()  # trust refusals logged (once per cause)
-
-    @property
-    def name(self) -> str:
-        return self.script.name
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._run.pid if self._run is not None else None
-
-    @property
-    def last_output_bytes(self) -> int:
-        return self._reader.last_output_bytes
-
-    @property
-    def live(self) -> bool:
-        """True while a process exists or a restart is pending."""
-        return self._watchdog is not None
-
-    def uptime(self) -> Optional[float]:
-        if self.state in (STARTING, RUNNING) and self.started_at is not None:
-            return self.clock() - self.started_at
-        return None
 
     def touch(self) -> None:
         """A request arrived: reset the keepalive clock."""
@@ -165,7 +126,7 @@ class Lifecycle:
     def start(self) -> None:
         """Start the script if it is stopped (or failed); otherwise nothing.
         The process is spawned by the session's watchdog greenlet."""
-        if self.state not in STARTABLE_STATES:
+        if self.state not in STARTABLE_STATES or self.live:
             return
         self._stop_requested = False
         self._backoff.reset()
@@ -185,38 +146,6 @@ class Lifecycle:
     def stop_budget(self) -> float:
         """The longest a stop can take (see ``child.stop_budget``)."""
         return stop_budget(self.config.stop_grace)
-
-    def script_refusal(self) -> Optional[str]:
-        """None if the script file may run as root now, else why not (it is
-        checked before every start: the file may change while we run).
-        Shown on the index page as the last error while it lasts."""
-        if self.config.insecure_scripts:
-            return None
-        refusal = trust.script_refusal(self.script.path)
-        if refusal:
-            refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, refusal)
-            self.last_error = refusal
-        elif self.last_error and self.last_error.startswith(SCRIPT_REFUSAL):
-            self.last_error = None  # fixed since
-        return refusal
-
-    def note_refusal(self, message: str) -> None:
-        """A trust refusal: shown as the last error, logged once per cause."""
-        self.last_error = message
-        if message not in self._refusals_logged:
-            if len(self._refusals_logged) >= MAX_REFUSALS_REMEMBERED:
-                self._refusals_logged.clear()
-            self._refusals_logged.add(message)
-            log.warning("refused: script=%s %s", self.name, escape_line(message))
-
-    def _transition(self, new: str) -> None:
-        old = self.state
-        if new not in TRANSITIONS[old]:
-            raise RuntimeError("%s: invalid transition %s -> %s" % (self.name, old, new))
-        self.state = new
-        log.debug("state: script=%s %s -> %s", self.name, old, new)
-        changed, self._changed = self._changed, gevent.event.Event()
-        changed.set()
 
     # -- in the watchdog greenlet -------------------------------------------
 
@@ -254,11 +183,18 @@ class Lifecycle:
                  self.script.module, escape_line(" ".join(argv)))
 
     def _refused_to_spawn(self) -> bool:
-        """True (and the start failed) if the script file is not trusted."""
+        """True (and the session REFUSED) if the script file is not trusted.
+        An autostart script has it checked again after the backoff delay; an
+        on-demand one by the next request."""
         refusal = self.script_refusal()
         if refusal:
             self.note_refusal(refusal)
-            self._spawn_failed(refusal)
+            self.backoff_until = None
+            if self.script.autostart and not self._stop_requested:
+                self.backoff_until = self.clock() + self._backoff.delay(0.0)
+                log.debug("refused: script=%s checking the file again in %.0f s", self.name,
+                          self.backoff_until - self.clock())
+            self._transition(REFUSED)
         return bool(refusal)
 
     def _spawn_failed(self, message: str) -> None:
@@ -270,16 +206,13 @@ class Lifecycle:
     def _watch(self) -> None:
         try:
             while True:
-                if self.state == BACKOFF:
-                    if self._sleep_backoff():
-                        self._transition(STOPPED)
+                if self.state in (BACKOFF, REFUSED) and self._run is None:
+                    if not self._wait_retry():
                         return
-                    self.restarts += 1
-                    self._transition(STARTING)
                 if self.state == STARTING and self._run is None:
                     self._spawn()
                     continue
-                if self.state not in (STARTING, RUNNING):
+                if self._run is None or not self.serving:
                     return
                 event = self._wait_live()
                 if event == "exit":
@@ -295,9 +228,25 @@ class Lifecycle:
             self._watchdog = None
             self._wake.clear()
 
+    def _wait_retry(self) -> bool:
+        """Wait out a BACKOFF (or an autostart script's REFUSED file), then
+        STARTING; False if the watchdog ends instead (a stop came first, or
+        an on-demand script's refusal waits for the next request)."""
+        if self.state == REFUSED and self.backoff_until is None:
+            return False
+        if self._sleep_backoff():
+            self._transition(STOPPED)
+            return False
+        if self.state == BACKOFF:
+            self.restarts += 1  # a refused file's new check is no restart
+        self._transition(STARTING)
+        return True
+
     def _wait_live(self) -> str:
         """Block until the process exits ("exit"), a stop is requested
-        ("stop"), or the keepalive period passes without requests ("idle")."""
+        ("stop"), or the keepalive period passes without requests ("idle").
+        Until the output appears (or while it is refused), look for it every
+        OUTPUT_POLL_INTERVAL."""
         keepalive = self.config.keepalive
         while True:
             if self._stop_requested:
@@ -307,6 +256,11 @@ class Lifecycle:
                 timeout = self.last_request + keepalive - self.clock()
                 if timeout <= 0:
                     return "idle"
+            if self.state in OUTPUT_PENDING_STATES:
+                self._look_for_output()
+            if self.state in OUTPUT_PENDING_STATES:
+                timeout = OUTPUT_POLL_INTERVAL if timeout is None \
+                    else min(timeout, OUTPUT_POLL_INTERVAL)
             self._os.wait([self._run.result, self._wake], timeout)
             if self._run.exited() and not self._stop_requested:
                 return "exit"

@@ -114,13 +114,25 @@ def module_dirs(module: str, dirs: Iterable[str]) -> List[str]:
     return found
 
 
+# How an output refusal reads (the path, then trust's reason).
+_REFUSED_OUTPUT = "refused to read %s: %s"
+
+
+def output_refusal(location: Location) -> Optional[str]:
+    """None if LOCATION's output may be read, else the refusal as read_output
+    would raise it; nothing is opened (trust.output_refusal).  Raises
+    FileNotFoundError or OSError."""
+    refusal = trust.output_refusal(location.root, location.module, OUTPUT_NAME)
+    return refusal and _REFUSED_OUTPUT % (location.path, refusal)
+
+
 def _open(location: Location) -> Tuple[int, os.stat_result]:
     """The trusted, non-blocking open of LOCATION (trust.open_output), with
     its refusals as UntrustedOutput."""
     try:
         return trust.open_output(location.root, location.module, OUTPUT_NAME)
     except trust.Untrusted as exc:
-        raise UntrustedOutput("refused to read %s: %s" % (location.path, exc)) from None
+        raise UntrustedOutput(_REFUSED_OUTPUT % (location.path, exc)) from None
     except FileNotFoundError:
         raise
     except OSError as exc:

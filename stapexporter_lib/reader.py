@@ -7,14 +7,18 @@ scrapes costs one read), checks that the script did not die while writing,
 completes the last line, replaces bytes that are not UTF-8 and adds the
 declared ``# HELP``/``# TYPE`` lines.
 
-Owns the output path of the current run and the annotation.  Must not change
+It also tells the watchdog whether a starting script's output has appeared
+and may be trusted (``appeared``), without opening it.
+
+Owns the output path of the current run, whether it has been read, and the
+annotation.  Must not change
 the session's state, start or signal processes (the session passes the run
 in), or know about HTTP; the blocking-free opening and reading itself lives in
 ``procfs.py``.
 """
 
 import logging
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -44,6 +48,7 @@ class OutputReader:
         self.path: Optional[str] = None
         self.annotator: Optional[Annotator] = None
         self.last_output_bytes = 0
+        self.read_this_run = False  # the current run's output has been read
         self._flight: Optional[gevent.event.AsyncResult] = None
         self._utf8_warned = False
 
@@ -51,6 +56,7 @@ class OutputReader:
         """A new process starts: its output is elsewhere until found, and
         its first invalid UTF-8 is worth a warning again."""
         self.path = None
+        self.read_this_run = False
         self._utf8_warned = False
 
     def locate(self) -> Optional[str]:
@@ -58,6 +64,19 @@ class OutputReader:
         if self.path is None:
             self.path = procfs.find_output(self.module, self.procfs_dirs)
         return self.path
+
+    def appeared(self) -> Tuple[bool, Optional[str]]:
+        """(whether the output exists, why it may not be read or None).
+        Only metadata is looked at (``procfs.output_refusal``): a FIFO is not
+        opened, so its writer is not woken."""
+        location = self.locate()
+        if location is None:
+            return False, None
+        try:
+            return True, procfs.output_refusal(location)
+        except OSError:  # gone again, or not checkable now: look again later
+            self.path = None
+            return False, None
 
     def read(self, timeout: float, run) -> bytes:
         """Read the output of RUN (a ``child.ChildRun``, or None), sharing one
@@ -115,4 +134,5 @@ class OutputReader:
         if self.annotator:
             data = self.annotator.annotate(data)
         self.last_output_bytes = len(data)
+        self.read_this_run = True
         return data

@@ -1,7 +1,8 @@
 """The exporter's own metrics, served at ``/metrics`` through prometheus_client.
 
 A registry of our own (not the library's global default).  Per-script state
-(up, starts, exits, restarts, output size) and cost (CPU time and memory of
+(up, the state as a one-hot gauge over every state, whether the output has
+been read, starts, exits, restarts, output size) and cost (CPU time and memory of
 the script's process group, read from ``/proc`` by ``proccost``) are read
 when ``/metrics`` is scraped, so keeping them costs the hot path nothing;
 only the scrape duration histogram, the error counter and the start-up
@@ -18,7 +19,7 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, Info,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__, proccost
-from .states import RUNNING
+from .states import ALL_STATES, RUNNING
 
 # Scrapes are fast (sub-millisecond) unless a script is slow to produce output.
 DURATION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
@@ -29,13 +30,53 @@ START_BUCKETS = (.05, .1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 def start_seconds(session) -> Optional[float]:
     """Spawn to first output of SESSION's last start that produced output;
-    None until one has.  (``first_output_at`` is set by the session when it
-    turns running; a start still compiling keeps the previous figure hidden.)"""
+    None until one has.  (``first_output_at`` is set when the session turns
+    running: its output appeared, read or not; a start still compiling keeps
+    the previous figure hidden.)"""
     first = getattr(session, "first_output_at", None)
     started = session.started_at
     if first is None or started is None or first < started:
         return None
     return first - started
+
+
+
+# Per-script families, collected from the sessions at each /metrics scrape:
+# (type, name, help, labels after "script").
+LIFECYCLE_FAMILIES = (
+    (GaugeMetricFamily, "stap_exporter_script_up",
+     "1 when the script is running: its process runs and its output exists (read or not).",
+     ()),
+    (GaugeMetricFamily, "stap_exporter_script_state",
+     "1 for the script's current state, 0 for the others (%s); the reason of backoff and"
+     " refused is on the index page." % ", ".join(ALL_STATES), ("state",)),
+    (GaugeMetricFamily, "stap_exporter_script_output_read",
+     "1 once the output of the script's current run has been read by a request.", ()),
+    (CounterMetricFamily, "stap_exporter_script_starts",
+     "Times the script's process was started.", ()),
+    (CounterMetricFamily, "stap_exporter_script_restarts",
+     "Automatic restarts of an autostart script after it exited.", ()),
+    (CounterMetricFamily, "stap_exporter_script_exits",
+     "Ends of the script's process, by outcome: stopped (by the exporter), error (exited"
+     " non-zero or killed), exited (status 0 on its own), spawn_error.", ("outcome",)),
+    (GaugeMetricFamily, "stap_exporter_script_output_bytes",
+     "Size of the script's last output read, in bytes.", ()),
+)
+COST_FAMILIES = (
+    (CounterMetricFamily, "stap_exporter_script_cpu_seconds",
+     "User and system CPU time of the script's running process group (stap, its loader, a"
+     " wrapper's children, and what they reaped); starts again from 0 with each run.", ()),
+    (GaugeMetricFamily, "stap_exporter_script_resident_memory_bytes",
+     "Sum of the resident set sizes of the script's running process group, in bytes.", ()),
+    (GaugeMetricFamily, "stap_exporter_script_start_seconds",
+     "Seconds from spawn to the appearance of the output (compile plus load) of the"
+     " script's last start that produced output.", ()),
+)
+
+
+def _families(table):
+    return [kind(name, documentation, labels=["script", *labels])
+            for kind, name, documentation, labels in table]
 
 
 class SessionCollector:
@@ -54,46 +95,22 @@ class SessionCollector:
         return self._lifecycle(sessions) + self._costs(sessions)
 
     def _lifecycle(self, sessions):
-        up = GaugeMetricFamily("stap_exporter_script_up",
-                               "1 when the script is running and its output has been read.",
-                               labels=["script"])
-        starts = CounterMetricFamily("stap_exporter_script_starts",
-                                     "Times the script's process was started.",
-                                     labels=["script"])
-        restarts = CounterMetricFamily("stap_exporter_script_restarts",
-                                       "Automatic restarts of an autostart script after it"
-                                       " exited.", labels=["script"])
-        exits = CounterMetricFamily("stap_exporter_script_exits",
-                                    "Ends of the script's process, by outcome: stopped (by"
-                                    " the exporter), error (exited non-zero or killed),"
-                                    " exited (status 0 on its own), spawn_error.",
-                                    labels=["script", "outcome"])
-        size = GaugeMetricFamily("stap_exporter_script_output_bytes",
-                                 "Size of the script's last output read, in bytes.",
-                                 labels=["script"])
+        up, state, read, starts, restarts, exits, size = _families(LIFECYCLE_FAMILIES)
         for s in sessions:
             name = s.name
             up.add_metric([name], 1 if s.state == RUNNING else 0)
+            for each in ALL_STATES:
+                state.add_metric([name, each], 1 if s.state == each else 0)
+            read.add_metric([name], 1 if s.output_read and s.pid else 0)
             starts.add_metric([name], s.starts)
             restarts.add_metric([name], s.restarts)
             for outcome in ("stopped", "error", "exited", "spawn_error"):
                 exits.add_metric([name, outcome], s.exits.get(outcome, 0))
             size.add_metric([name], s.last_output_bytes)
-        return [up, starts, restarts, exits, size]
+        return [up, state, read, starts, restarts, exits, size]
 
     def _costs(self, sessions):
-        cpu = CounterMetricFamily("stap_exporter_script_cpu_seconds",
-                                  "User and system CPU time of the script's running process"
-                                  " group (stap, its loader, a wrapper's children, and what"
-                                  " they reaped); starts again from 0 with each run.",
-                                  labels=["script"])
-        memory = GaugeMetricFamily("stap_exporter_script_resident_memory_bytes",
-                                   "Sum of the resident set sizes of the script's running"
-                                   " process group, in bytes.", labels=["script"])
-        start = GaugeMetricFamily("stap_exporter_script_start_seconds",
-                                  "Seconds from spawn to first output (compile plus load) of"
-                                  " the script's last start that produced output.",
-                                  labels=["script"])
+        cpu, memory, start = _families(COST_FAMILIES)
         live = {s.pid: s for s in sessions if s.pid}
         costs = proccost.measure(live, self.proc)
         seen = {}
@@ -132,8 +149,8 @@ class SelfMetrics:
             ["script", "reason"], registry=self.registry)
         self.start_duration = Histogram(
             "stap_exporter_script_start_duration_seconds",
-            "Seconds from spawn to first output, one observation per start that produced"
-            " output.", ["script"], buckets=START_BUCKETS, registry=self.registry)
+            "Seconds from spawn to the appearance of the output, one observation per start"
+            " that produced output.", ["script"], buckets=START_BUCKETS, registry=self.registry)
         self._duration_children = {}
         self._starts_noted: Dict[str, float] = {}  # script -> started_at observed
         self.manager = manager

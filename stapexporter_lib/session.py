@@ -18,8 +18,7 @@ from . import procfs
 from .catalog import Script
 from .child import Waiter, escape_line, set_child_subreaper, wait_any  # noqa: F401 (re-exported)
 from .lifecycle import Lifecycle, SessionConfig, describe_exit  # noqa: F401 (re-exported)
-from .states import (BACKOFF, FAILED, RUNNING, SERVING_STATES, STARTABLE_STATES, STARTING,
-                     STOPPED, STOPPING)
+from .states import BACKOFF, FAILED, REFUSED, STARTABLE_STATES, STARTING, STOPPED, STOPPING
 
 # The longest a request that finds its script starting waits for output.
 START_WAIT = 1.0
@@ -79,25 +78,26 @@ class Session(Lifecycle):
         super().__init__(script, config, clock=clock, popen=popen, wait=wait, killpg=killpg,
                          kill=kill)
         self._admit = admit
-        self.first_output_at: Optional[float] = None  # clock() of the last start's first output
 
     def scrape(self, timeout: float) -> Outcome:
         """Answer one request: start the script if needed, and read its output
         if it is readable within the deadline (a starting script gets at most
         ``start_wait`` seconds)."""
         self.touch()
-        if self.state in STARTABLE_STATES:
-            refusal = self.script_refusal()
+        if self.state in STARTABLE_STATES and self._run is None:
+            refusal = self.script_refusal()  # an idle session turns REFUSED or back
             if refusal:
-                if self.state == FAILED:
-                    self._transition(STOPPED)
                 return self._refuse(Outcome.FORBIDDEN, refusal)
+            if self.state == REFUSED:
+                # An autostart script waiting to check its file again: now.
+                self.retry_now()
+                return self._not_ready()
         if self.state == FAILED:
             # Report the failure once; the next request starts afresh.
             outcome = Outcome(Outcome.FAILED, message=self.failure_report())
             self._transition(STOPPED)
             return outcome
-        if self.state in STARTABLE_STATES:
+        if self.state in STARTABLE_STATES and not self.live:
             refusal = self._admit(self) if self._admit is not None else None
             if refusal:
                 return Outcome(Outcome.BUSY, message=refusal, retry_after=RETRY_BUSY)
@@ -124,7 +124,7 @@ class Session(Lifecycle):
         budget = min(timeout, self.config.start_wait) if starting else timeout
         deadline = self.clock() + budget
         while True:
-            path = self._reader.locate() if self.state in SERVING_STATES else self._reader.path
+            path = self._reader.locate() if self.serving else self._reader.path
             if path is not None:
                 try:
                     data = self._reader.read(max(0.0, deadline - self.clock()), self._run)
@@ -132,7 +132,8 @@ class Session(Lifecycle):
                     self._reader.path = None
                 except procfs.UntrustedOutput as exc:
                     self._reader.path = None
-                    return self._refuse(Outcome.UNTRUSTED, str(exc))
+                    self.output_refused(str(exc))
+                    return Outcome(Outcome.UNTRUSTED, message=str(exc))
                 except procfs.OutputTimeout as exc:
                     if self.state == STARTING:
                         return self._not_ready()
@@ -140,15 +141,10 @@ class Session(Lifecycle):
                 except procfs.OutputError as exc:
                     return unavailable(str(exc))
                 else:
-                    if self.state == STARTING:
-                        self._transition(RUNNING)
-                        self.first_output_at = self.clock()  # start-up time metric
-                    self._produced = True
-                    if self.last_error in self._refusals_logged:
-                        self.last_error = None  # the cause is gone
-                    self._refusals_logged.clear()
+                    if self.serving:
+                        self.output_ok()
                     return Outcome(Outcome.OK, body=data)
-            if self.state not in SERVING_STATES:
+            if not self.serving:
                 # It exited (or is being stopped) while we waited.
                 return self.scrape(timeout) if self.state != STOPPED else self._not_ready()
             remaining = deadline - self.clock()

@@ -155,13 +155,10 @@ def dir_refusal(path: str) -> Optional[str]:
     return None
 
 
-def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]:
-    """Open ROOT/MODULE/NAME for reading, non-blocking, if it is trusted.
-
-    ROOT is walked as by open_trusted_dir, MODULE must be a trusted directory
-    (not a link), and NAME a regular file or FIFO owned by a trusted user; its
-    type is checked on an O_PATH descriptor before it is opened, so a device
-    is never opened.  Returns (fd, fstat of fd).  Raises Untrusted,
+def _probe_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result, str]:
+    """The checks of open_output without the opening: (O_PATH descriptor of
+    the trusted MODULE directory, fstat of NAME taken on an O_PATH descriptor,
+    NAME's path).  The caller closes the descriptor.  Raises Untrusted,
     FileNotFoundError or OSError."""
     root_fd = open_trusted_dir(root)
     try:
@@ -172,23 +169,48 @@ def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]
     try:
         check_stat(mod_path, os.fstat(mod_fd))
         path = os.path.join(mod_path, name)
+        return mod_fd, _checked_output_stat(mod_fd, name, path), path
+    except BaseException:
+        os.close(mod_fd)
+        raise
+
+
+def output_refusal(root: str, module: str, name: str) -> Optional[str]:
+    """None if open_output would open ROOT/MODULE/NAME, else why not.  Nothing
+    is opened for reading (an open wakes a FIFO's writer), so this may be
+    asked at any time.  Raises FileNotFoundError or OSError."""
+    try:
+        os.close(_probe_output(root, module, name)[0])
+    except Untrusted as exc:
+        return str(exc)
+    return None
+
+
+def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]:
+    """Open ROOT/MODULE/NAME for reading, non-blocking, if it is trusted.
+
+    ROOT is walked as by open_trusted_dir, MODULE must be a trusted directory
+    (not a link), and NAME a regular file or FIFO owned by a trusted user; its
+    type is checked on an O_PATH descriptor before it is opened, so a device
+    is never opened.  Returns (fd, fstat of fd).  Raises Untrusted,
+    FileNotFoundError or OSError."""
+    mod_fd, st, path = _probe_output(root, module, name)
+    try:
         # A writer that replaces the file (write and rename) between the
         # check and the open is no attack: check the new one.  Only a file
         # that keeps changing under us is refused.
         for _ in range(OPEN_ATTEMPTS):
-            st = _checked_output_stat(mod_fd, name, path)
             fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
                          dir_fd=mod_fd)
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino):
-                break
+                return fd, opened
             os.close(fd)
-        else:
-            raise Untrusted(path, "was replaced while it was being opened, %d times"
-                            % OPEN_ATTEMPTS)
+            st = _checked_output_stat(mod_fd, name, path)
+        raise Untrusted(path, "was replaced while it was being opened, %d times"
+                        % OPEN_ATTEMPTS)
     finally:
         os.close(mod_fd)
-    return fd, opened
 
 
 def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:

@@ -210,11 +210,11 @@ def test_scrape_error_reason_documented(reason):
 
 @pytest.mark.parametrize("state", session_states())
 def test_state_documented(state):
-    states_line = read(README).split("* States:", 1)[1].split("\n* ", 1)[0]
-    assert "`%s`" % state in states_line, "README's States list lacks %s" % state
-    lifecycle = unroff(read(MANPAGE).split(".SH LIFECYCLE", 1)[1].split("\n.SH ", 1)[0])
-    assert re.search(r"^\.B %s$" % state, lifecycle, re.M), \
-        "man page LIFECYCLE lacks state %s" % state
+    readme_states = re.search(r"^\* States.*?(?=^\* )", read(README), re.M | re.S).group(0)
+    assert "* `%s`: " % state in readme_states, "state %s not in README's States list" % state
+    lifecycle = re.search(r"^\.SH LIFECYCLE$(.*?)^\.SH ", read(MANPAGE), re.M | re.S).group(1)
+    assert re.search(r"^\.TP\n\.B %s\n" % state, lifecycle, re.M), \
+        "state %s not in the man page's LIFECYCLE list" % state
 
 
 @pytest.mark.parametrize("metric", sorted(self_metric_names()))

@@ -192,12 +192,19 @@ def test_backoff_doubles_to_the_cap_and_resets_after_a_long_run(world):
     assert s.last_error == "exit status 1"
 
 
-def test_a_stop_during_backoff_ends_it_at_once(world):
+def crashed_autostart(world, code=1):
+    """An autostart session whose first run exited with CODE: in BACKOFF."""
     make, vt, fake, _ = world
     s = make("crash-autostart.stp")
     s.start()
-    spawned(fake, 1).exit(1)
+    spawned(fake, 1).exit(code)
     settle(lambda: s.state == "backoff", "backoff")
+    return s
+
+
+def test_a_stop_during_backoff_ends_it_at_once(world):
+    fake = world[2]
+    s = crashed_autostart(world)
     s.stop(timeout=SETTLE)
     assert s.state == "stopped" and not s.live and len(fake.procs) == 1
 
@@ -413,3 +420,163 @@ def test_manager_caps_refuse_starts_with_busy(world, tmp_path):
     assert len(fake.procs) == 1
     assert manager.shutdown(timeout=SETTLE)
     assert manager.get("a.stp").state == "stopped"
+
+
+# -- honest states (issue 11): running once the output exists, refused, backoff -----
+
+
+class Sessions:
+    """The manager as the self-metrics collector sees it."""
+
+    def __init__(self, *sessions):
+        self.sessions = sessions
+
+    def all(self):
+        return list(self.sessions)
+
+
+def self_metrics(session):
+    """{(name, labels): value} of the per-script lifecycle metrics of SESSION."""
+    from stapexporter_lib.selfmetrics import SessionCollector
+    samples = {}
+    for family in SessionCollector(Sessions(session), proc="/nonexistent")._lifecycle([session]):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def state_gauges(session):
+    return {labels[1][1]: value for (name, labels), value in self_metrics(session).items()
+            if name == "stap_exporter_script_state"}
+
+
+def write_output(procfs_dir, session, text=b"up 1\n"):
+    module_dir = procfs_dir / session.script.module
+    module_dir.mkdir(exist_ok=True)
+    (module_dir / "__prometheus").write_bytes(text)
+    return module_dir
+
+
+def test_output_appearing_unread_makes_the_script_running_and_up(world):
+    make, vt, fake, procfs_dir = world
+    s = make("count-autostart.stp")
+    s.start()
+    spawned(fake, 1)
+    vt.advance(5)
+    assert s.state == "starting" and s.first_output_at is None
+    assert self_metrics(s)[("stap_exporter_script_up", (("script", s.name),))] == 0
+    write_output(procfs_dir, s)
+    vt.advance(0.1)
+    assert s.state == "starting"  # looked for every 0.2 s, not more often
+    vt.advance(0.1)
+    settle(lambda: s.state == "running", "running without a scrape")
+    assert s.first_output_at - s.started_at == pytest.approx(5.2)
+    metrics = self_metrics(s)
+    assert metrics[("stap_exporter_script_up", (("script", s.name),))] == 1
+    assert metrics[("stap_exporter_script_output_read", (("script", s.name),))] == 0
+    gauges = state_gauges(s)
+    assert gauges.pop("running") == 1 and set(gauges.values()) == {0}
+    assert set(gauges) == {"stopped", "starting", "stopping", "backoff", "failed", "refused"}
+    assert s.scrape(5).kind == Outcome.OK
+    assert self_metrics(s)[("stap_exporter_script_output_read", (("script", s.name),))] == 1
+
+
+def test_an_untrusted_script_file_is_refused_until_fixed(world):
+    make, vt, fake, _ = world
+    s = make()
+    os.chmod(s.script.path, 0o666)
+    outcome = s.scrape(5)
+    assert outcome.kind == Outcome.FORBIDDEN and s.state == "refused"
+    assert "writable by group and others (mode 0666)" in s.last_error
+    assert state_gauges(s)["refused"] == 1 and not fake.procs and not s.live
+    os.chmod(s.script.path, 0o644)
+    assert s.script_refusal() is None  # what the index does: the state says so
+    assert s.state == "stopped" and s.last_error is None
+    os.chmod(s.script.path, 0o646)
+    s.script_refusal()
+    assert s.state == "refused"
+    os.chmod(s.script.path, 0o644)
+    scrape = gevent.spawn(s.scrape, 5)  # the next request checks again, and starts it
+    spawned(fake, 1)
+    vt.advance(1)
+    assert scrape.get(timeout=SETTLE).kind == Outcome.NOT_READY and s.state == "starting"
+
+
+def refused_autostart(make):
+    """An autostart session whose file is group-writable, started: REFUSED."""
+    s = make("x-autostart.stp")
+    os.chmod(s.script.path, 0o664)
+    s.start()
+    settle(lambda: s.state == "refused", "refused")
+    return s
+
+
+def test_a_refused_autostart_script_is_checked_again_on_the_backoff_schedule(world):
+    make, vt, fake, _ = world
+    s = refused_autostart(make)
+    assert s.live and s.retry_in() == 1 and not fake.procs
+    assert "writable by group" in s.last_error
+    vt.advance(1)
+    settle(lambda: s.retry_in() == 2, "second check")
+    assert s.state == "refused" and s.restarts == 0 and not s.exits
+    os.chmod(s.script.path, 0o644)
+    vt.advance(2)
+    spawned(fake, 1)
+    assert s.state == "starting" and s.last_error is None
+
+
+def test_a_request_for_a_fixed_autostart_script_starts_it_at_once(world):
+    make, vt, fake, _ = world
+    s = refused_autostart(make)
+    assert s.scrape(5).kind == Outcome.FORBIDDEN
+    os.chmod(s.script.path, 0o644)
+    assert s.scrape(5).kind == Outcome.NOT_READY
+    spawned(fake, 1)  # no clock advance: the wait ended at once
+
+
+def test_an_untrusted_output_is_refused_while_the_process_runs_on(world, tmp_path):
+    make, vt, fake, procfs_dir = world
+    s = make("y-autostart.stp")
+    s.start()
+    proc = spawned(fake, 1)
+    module_dir = procfs_dir / s.script.module
+    module_dir.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("secret 1\n")
+    os.symlink(str(secret), str(module_dir / "__prometheus"))
+    vt.advance(0.2)
+    settle(lambda: s.state == "refused", "refused output")
+    assert s.pid == proc.pid and "__prometheus is a symbolic link" in s.last_error
+    assert self_metrics(s)[("stap_exporter_script_up", (("script", s.name),))] == 0
+    outcome = s.scrape(5)
+    assert outcome.kind == Outcome.UNTRUSTED and b"secret" not in outcome.body
+    os.unlink(str(module_dir / "__prometheus"))
+    write_output(procfs_dir, s)
+    vt.advance(0.2)
+    settle(lambda: s.state == "running", "running again")
+    assert s.last_error is None and not fake.signals
+
+
+def test_a_crashing_autostart_script_shows_backoff_with_its_reason(world):
+    s = crashed_autostart(world, 2)
+    assert s.last_error == "exit status 2" and s.retry_in() == 1
+    assert state_gauges(s)["backoff"] == 1
+    from stapexporter_lib import indexpage
+    row = indexpage.ScriptRow(s.name, s.state, s.pid, s.uptime(), s.starts, None,
+                              s.last_output_bytes, s.output_read, None, None, s.last_error,
+                              [], s.retry_in())
+    assert indexpage.reason(row) == "exit status 2 (restarting in 1s)"
+
+
+def test_a_stale_untrusted_output_before_the_spawn_does_not_refuse_the_start(world, tmp_path):
+    make, vt, fake, procfs_dir = world
+    s = make()
+    module_dir = procfs_dir / s.script.module
+    module_dir.mkdir()
+    os.symlink(str(tmp_path / "elsewhere"), str(module_dir / "__prometheus"))
+    scrape = gevent.spawn(s.scrape, 5)
+    spawned(fake, 1)  # the spawn removes what an earlier run left
+    vt.advance(1)
+    assert scrape.get(timeout=SETTLE).kind in (Outcome.UNTRUSTED, Outcome.NOT_READY)
+    assert s.state == "starting" and s.pid == fake.last.pid
+    assert not module_dir.exists()
