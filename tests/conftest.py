@@ -113,6 +113,13 @@ class Exporter:
                "--stap", stap, "--procfs-dirs", ":".join([self.procfs] + list(extra_procfs)),
                "--log-level", "debug"]
         cmd += list(args)
+        # Each exporter keeps compiled modules in a cache of its own unless
+        # the test names one (tests of the persistent cache share one).
+        self.own_cache = None
+        if "--cache-dir" not in args:
+            import tempfile
+            self.own_cache = tempfile.mkdtemp(prefix="stapexp-test-cache.")
+            cmd += ["--cache-dir", self.own_cache]
         # fakestap also plays the runtime's loader (stapbpf/staprun) for the
         # reuse of compiled modules.
         path = os.environ.get("PATH", "")
@@ -199,6 +206,9 @@ class Exporter:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
+        if self.own_cache:
+            import shutil
+            shutil.rmtree(self.own_cache, ignore_errors=True)
         return self.proc.returncode
 
 
