@@ -63,21 +63,23 @@ class Plan:
         while i < len(words):
             word = words[i]
             name, value = _split(word)
+            given = [word]  # as written: --runtime=bpf stays one word
             if name in _TAKES_VALUE and value is None:
                 if i + 1 >= len(words):
                     self.driver_reason = "option %s in --stap has no value" % name
                     return
                 i += 1
                 value = words[i]
+                given.append(value)
             i += 1
-            if not self._take(name, value):
+            if not self._take(name, value, given):
                 self.driver_reason = ("option %s in --stap has no equivalent for the loaders"
                                       % escape_line(word))
                 return
 
-    def _take(self, name: str, value: Optional[str]) -> bool:
-        """Sort one option; False when no loader could honour it."""
-        given = [name] if value is None else [name, value]
+    def _take(self, name: str, value: Optional[str], given: List[str]) -> bool:
+        """Sort one option (GIVEN, as written); False when no loader could
+        honour it."""
         if name in _COMPILE_VALUE or name in _COMPILE_FLAGS:
             self.compile_args += given
         elif name in _BOTH_FLAGS or _repeated_flag(name):

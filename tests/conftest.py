@@ -64,6 +64,19 @@ def processes_matching(text):
     return pids
 
 
+def process_group(pid):
+    """Pids of PID's process group."""
+    pgid = os.getpgid(pid)
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.getpgid(int(entry)) == pgid:
+                members.append(int(entry))
+        except OSError:
+            continue
+    return members
+
+
 _FAKE_LOADERS = []
 
 
@@ -123,7 +136,7 @@ class Exporter:
         # fakestap also plays the runtime's loader (stapbpf/staprun) for the
         # reuse of compiled modules.
         path = os.environ.get("PATH", "")
-        if stap == FAKESTAP:
+        if stap.split()[0] == FAKESTAP:  # also with options after it
             path = fake_loader_dir() + os.pathsep + path
         full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs, PATH=path)
         full_env.update(env or {})

@@ -24,7 +24,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, Exporter, processes_matching, wait_for
+from conftest import ROOT, Exporter, process_group, processes_matching, wait_for
 
 import realstap
 
@@ -130,13 +130,11 @@ def kinds(children):
 
 def group_commands(pid):
     """The program names (argv[0] base names) of PID's process group."""
-    pgid = os.getpgid(pid)
     names = []
-    for entry in os.listdir("/proc"):
+    for member in process_group(pid):
         try:
-            if entry.isdigit() and os.getpgid(int(entry)) == pgid:
-                with open("/proc/%s/cmdline" % entry, "rb") as f:
-                    names.append(os.path.basename(f.read().split(b"\0")[0].decode()))
+            with open("/proc/%d/cmdline" % member, "rb") as f:
+                names.append(os.path.basename(f.read().split(b"\0")[0].decode()))
         except (OSError, UnicodeDecodeError):
             continue
     return names
