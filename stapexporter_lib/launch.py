@@ -170,13 +170,17 @@ class Launch:
             source = self.script.module + suffix
             if _regular_file(os.path.join(workdir, source)):
                 self._compiled = (workdir, suffix)
-                if self.digest is not None and self.direct.cache.store(
-                        workdir, source, self.direct.cache.key(self.digest, suffix,
-                                                               self.script.module)):
-                    log.info("cache: script=%s kept the compiled module for the next start",
-                             self.script.name)
+                if self.digest is not None:
+                    # Off the start's path: the loader is spawned meanwhile.
+                    gevent.spawn(self._keep, workdir, source,
+                                 self.direct.cache.key(self.digest, suffix, self.script.module))
                 return True
         return False
+
+    def _keep(self, workdir: str, source: str, name: str) -> None:
+        if self.direct.cache.store(workdir, source, name):
+            log.info("cache: script=%s kept the compiled module for the next start",
+                     self.script.name)
 
     def abandon(self) -> None:
         """The start ends before its compiled module was loaded: remove the
