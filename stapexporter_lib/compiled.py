@@ -18,7 +18,8 @@ Everything in it is reached through the directory's descriptor, never by
 following a link: entries are written to a temporary name and renamed into
 place, read only if they are regular files owned by a trusted user and not
 writable by others, and copied into the loading run's working directory
-under the run's own module name.  The cache holds at most MAX_ENTRIES
+under the run's own module name (no fsync: an entry a crash left damaged
+fails to load, and is then removed and compiled afresh).  The cache holds at most MAX_ENTRIES
 modules and MAX_BYTES bytes; the least recently used go first.
 
 BPF modules take their name from their file name (``stapbpf X.bo`` runs as
@@ -294,7 +295,6 @@ def _copy(src: int, dir_fd: int, name: str) -> None:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(dst, view):]
-        os.fsync(dst)
     finally:
         os.close(dst)
 

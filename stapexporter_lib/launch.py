@@ -91,10 +91,15 @@ class Launch:
         self.from_cache = False             # this run loads a kept module
         self._kept: Optional[str] = None    # the cache entry this run loads
         self._compiled: Optional[Tuple[str, str]] = None  # (workdir, suffix) to load
+        self._annotator: Optional[Annotator] = None
 
     def read_script(self) -> Optional[Annotator]:
         """Read the script file (in the thread pool); returns its declarations'
-        annotator, None when it declares nothing or cannot be read."""
+        annotator, None when it declares nothing or cannot be read.  Not
+        read again for the loader after a compile: it runs what was read."""
+        if self._compiled is not None:
+            return self._annotator
+
         def read():
             with open(self.script.path, "rb") as f:
                 return f.read(MAX_SCRIPT_BYTES)
@@ -103,11 +108,12 @@ class Launch:
         except OSError as exc:
             log.warning("declarations: script=%s cannot read the script: %s", self.script.name,
                         exc.strerror)
-            self.digest = None
+            self.digest = self._annotator = None
             return None
         self.digest = compiled.digest(content)
         annotator = Annotator(parse_declarations(content.decode("utf-8", "replace")))
-        return annotator if annotator else None
+        self._annotator = annotator if annotator else None
+        return self._annotator
 
     def next_step(self) -> Step:
         """The next process of the start under way."""
