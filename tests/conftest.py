@@ -139,6 +139,12 @@ class Exporter:
         if stap.split()[0] == FAKESTAP:  # also with options after it
             path = fake_loader_dir() + os.pathsep + path
         full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs, PATH=path)
+        # The real runtime's loaders run without the stap-bpf-setup wrapper,
+        # which sets the setrlimit shim only for the stap it runs: they find
+        # it in the exporter's environment (a test-harness device).
+        shim = os.path.join(os.path.dirname(stap.split()[0]), "setrlimit-shim.so")
+        if os.path.exists(shim):
+            full_env["LD_PRELOAD"] = shim
         full_env.update(env or {})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
@@ -232,6 +238,9 @@ def write_script(directory, name, directives="", executable=False, body=None):
     if executable:
         text += "#!%s\n" % FAKESTAP
     text += "# fake: %s\n" % directives
+    # Its name in it: scripts of equal content share a compiled module (as
+    # with real stap), and a fake module would then report the other's name.
+    text += "# script: %s\n" % name
     text += body if body is not None else (
         'global n\nprobe timer.s(1) { n++ }\n'
         'probe prometheus { @prometheus_dump_array0(n, "n") }\n')
