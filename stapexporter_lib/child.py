@@ -110,13 +110,14 @@ def _child_setup_for(parent_pid: int) -> Callable[[], None]:
 class ChildRun:
     """One process of one script, from spawn to reaping."""
 
-    def __init__(self, script: Script, stderr_tail: Deque[str], seams: Seams):
+    def __init__(self, script: Script, stderr_tail: Deque[str], seams: Seams, kind: str = ""):
         self.name = script.name
         self.module = script.module
         self.stderr_tail = stderr_tail  # the session's: stderr lines are added to it
         self._os = seams
         self.proc = None
         self.workdir: Optional[str] = None
+        self.kind = kind  # launch's name for what this run is (compile, load...)
         self._pumps: List[gevent.Greenlet] = []
 
     @property
@@ -135,20 +136,26 @@ class ChildRun:
     def exited(self) -> bool:
         return self.proc.result.ready()
 
-    def spawn(self, argv: List[str], workdir_root: str) -> None:
-        """Fork ARGV in a fresh private working directory under WORKDIR_ROOT
-        and start pumping its output.  Raises OSError (and removes the
-        directory) when it cannot."""
+    def spawn(self, argv: List[str], workdir_root: str, workdir: Optional[str] = None,
+              prepare: Optional[Callable[[str], None]] = None) -> None:
+        """Fork ARGV in WORKDIR (an earlier run's, handed over) or a fresh
+        private working directory under WORKDIR_ROOT, filled by PREPARE (in
+        the thread pool), and start pumping its output.  Raises OSError or
+        trust.Untrusted (and removes the directory) when it cannot."""
         try:
-            self.workdir = tempfile.mkdtemp(prefix=naming.workdir_prefix(os.getpid(), self.module),
-                                            dir=workdir_root)
+            self.workdir = workdir or tempfile.mkdtemp(
+                prefix=naming.workdir_prefix(os.getpid(), self.module), dir=workdir_root)
+            if prepare is not None:
+                error = gevent.get_hub().threadpool.apply(_call, (prepare, self.workdir))
+                if error is not None:
+                    raise error
             env = dict(os.environ)
             env["TMPDIR"] = self.workdir  # stap's own temporary files go there too
             self.proc = self._os.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, cwd=self.workdir, env=env,
                                     close_fds=True, start_new_session=True,
                                     preexec_fn=_child_setup_for(os.getpid()))
-        except OSError:
+        except (OSError, trust.Untrusted):
             self.remove_workdir()
             raise
         self._pumps = [gevent.spawn(self._pump, self.proc.stderr, True),
@@ -260,6 +267,16 @@ class ChildRun:
         if self.workdir:
             rmtree(self.workdir)
             self.workdir = None
+
+
+def _call(func: Callable[[str], None], arg: str) -> Optional[Exception]:
+    """FUNC(ARG) for the thread pool, which prints what a task raises: the
+    exception is handed back instead."""
+    try:
+        func(arg)
+    except Exception as exc:  # noqa: BLE001 -- handed back to the caller
+        return exc
+    return None
 
 
 def stop_budget(grace: float) -> float:

@@ -80,6 +80,10 @@ Options:
                             for SECONDS [default: 10].
   --recompile               Compile a script afresh on every start instead of
                             rerunning the module compiled by its last run.
+  --cache-dir DIR           Where compiled modules are kept across restarts;
+                            used only if owned by root (or the exporter's
+                            user) and not writable by group or others
+                            [default: /var/cache/stap-exporter].
   --web-config FILE         TLS and basic-auth settings, in the Prometheus
                             exporter-toolkit web configuration format.
   --stop-timeout SECONDS    How long a stopping script gets after SIGTERM
@@ -125,6 +129,7 @@ class Config:
     header_timeout: float
     send_timeout: float
     recompile: bool
+    cache_dir: str
     web_config: Optional[str]
     stop_timeout: float
     log_level: str
@@ -168,6 +173,7 @@ def parse(argv: List[str]) -> Config:
         follow_symlinks=bool(args["--follow-symlinks"]),
         insecure_scripts=bool(args["--insecure-scripts"]),
         recompile=bool(args["--recompile"]),
+        cache_dir=_cache_dir(args["--cache-dir"]),
         web_config=os.path.abspath(args["--web-config"]) if args["--web-config"] else None,
         scripts_dir=_scripts_dir(args["-c"] or args["--scripts"]),
     )
@@ -267,6 +273,12 @@ def _stap(value: str) -> List[str]:
         # command would not be found there.
         words[0] = os.path.abspath(words[0])
     return words
+
+
+def _cache_dir(value: str) -> str:
+    if not value:
+        raise UsageError("--cache-dir: empty path")
+    return os.path.abspath(value)
 
 
 def _procfs_dirs(value: str) -> List[str]:

@@ -1,41 +1,72 @@
-"""Reusing a script's compiled module across restarts.
+"""Compiled modules kept for the next start, across exporter restarts.
 
-``stap -m MODULE`` turns off systemtap's own compile cache, so every restart
-(after a keepalive stop, say) would pay for a full translation and compile:
-about a second for the BPF runtime and tens of seconds for the kernel-module
-runtime.  After a run of a plain (non-executable) script that produced output,
-the module it compiled (``MODULE.bo`` or ``MODULE.ko``, left in the private
-working directory) is kept here, keyed by the script's content.  The next start
-runs it directly with the runtime's own loader (``stapbpf MODULE.bo`` or
-``staprun MODULE.ko``); if the script changed, the module is recompiled.  If a
-kept module fails before producing output, it is thrown away and the script is
-compiled afresh at once.
+``stap -m MODULE`` turns off systemtap's own compile cache, so every start
+would pay for a full translation and compile: about a second for the BPF
+runtime and tens of seconds for the kernel-module runtime.  After a
+successful compile (``stap -p4``), the module is copied into this cache,
+keyed by a digest of the script's content, the stap version (``STAP -V``),
+the kernel release and the --stap command; the next start with the same four
+runs it with the loader alone.
 
-The cache lives in a directory of this exporter process (module names carry
-the exporter's pid, so they cannot be shared between processes) and is removed
-at exit; after a crash, the start-up sweep removes it.
+The cache directory (``--cache-dir``, default /var/cache/stap-exporter) is
+used only if root or the exporter's user owns it and every directory above
+it, and group and others cannot write it (``trust.open_trusted_dir``); it is
+created (mode 0700) when missing.  Otherwise the refusal is logged once and
+a private directory of this process is used instead (in the temporary
+directory, removed at exit: modules are reused only by this process).
+Everything in it is reached through the directory's descriptor, never by
+following a link: entries are written to a temporary name and renamed into
+place, read only if they are regular files owned by a trusted user and not
+writable by others, and copied into the loading run's working directory
+under the run's own module name (no fsync: an entry a crash left damaged
+fails to load, and is then removed and compiled afresh).  The cache holds at most MAX_ENTRIES
+modules and MAX_BYTES bytes; the least recently used go first.
 
-Owns the cache directory and its entries.  Must not decide when a module is
-kept or run (``launch.py``) or start anything.
+BPF modules take their name from their file name (``stapbpf X.bo`` runs as
+module X), so one entry serves every later exporter.  A kernel module
+(``.ko``) embeds its name, which carries the exporter's pid: its key
+includes the module name, so it is reused by this exporter only, and it is
+removed at exit.
+
+Owns the cache directory and its entries.  Must not decide when a module
+is compiled, kept or run (``launch.py``) or start anything but ``STAP -V``.
 """
 
 import hashlib
+import json
 import logging
 import os
-import shutil
+import re
 import stat
 import tempfile
-from typing import Dict, List, Optional, Tuple
+import time
+from typing import List, Optional, Set
 
 import gevent
+from gevent import subprocess
 
-from . import trust
-from . import naming
+from . import naming, trust
+from .logs import escape_line
 
 log = logging.getLogger("stap-exporter")
 
-# Compiled module suffix -> the runtime's loader.
-LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
+# Bounds of the cache: entries and bytes; the least recently used go first.
+MAX_ENTRIES = 256
+MAX_BYTES = 256 * 1024 * 1024
+# A temporary file left by a writer that died is removed after this long.
+STALE_TEMP_SECONDS = 3600.0
+# How long ``STAP -V`` may take.
+VERSION_TIMEOUT = 20.0
+# Copies go in chunks of this size.
+COPY_CHUNK = 1024 * 1024
+
+# What may be in the cache directory: entries and temporary files.
+ENTRY_RE = re.compile(r"^[0-9a-f]{64}\.(bo|ko)$")
+TEMP_PREFIX = ".tmp."
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def digest(content: bytes) -> str:
@@ -43,75 +74,246 @@ def digest(content: bytes) -> str:
 
 
 class ModuleCache:
-    """Compiled modules of this exporter's scripts, by module name."""
+    """The cache directory, held open; reuse is off when DIRECTORY is None
+    (--recompile)."""
 
-    def __init__(self, root: Optional[str] = None):
-        self.root = root or tempfile.gettempdir()
-        self._dir: Optional[str] = None
-        self._entries: Dict[str, Tuple[str, str]] = {}  # module -> (digest, path)
-        self._loaders: Dict[str, Optional[str]] = {}
+    def __init__(self, directory: Optional[str], stap: List[str]):
+        self.directory = directory
+        self.stap = stap
+        self.persistent = False
+        self._fd: Optional[int] = None
+        self._private: Optional[str] = None   # the per-process fallback directory
+        self._identity = ""                   # stap version, kernel, --stap
+        self._mine: Set[str] = set()          # .ko entries written by this process
 
-    def argv(self, module: str, script_digest: str) -> Optional[List[str]]:
-        """The command that runs MODULE's kept compiled module, or None when
-        there is none for this content of the script (or no loader)."""
-        entry = self._entries.get(module)
-        if entry is None:
+    @property
+    def enabled(self) -> bool:
+        return self._fd is not None
+
+    def setup(self) -> None:
+        """Open (or make) the cache directory and learn the stap version.
+        Runs once, before the first start; never raises."""
+        if self.directory is None:
+            return
+        version = stap_version(self.stap)
+        self._identity = json.dumps([version or "unknown:%d" % os.getpid(),
+                                     os.uname().release, self.stap])
+        try:
+            self._fd = _in_pool(_open_cache_dir, self.directory)
+            self.persistent = True
+            log.info("cache: dir=%s compiled modules are kept across restarts",
+                     escape_line(self.directory))
+        except (OSError, trust.Untrusted) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.warning("cache: dir=%s refused: %s; compiled modules are kept for this"
+                        " process only", escape_line(self.directory), escape_line(str(reason)))
+            self._open_private()
+
+    def _open_private(self) -> None:
+        try:
+            self._private = tempfile.mkdtemp(prefix=naming.cache_prefix(os.getpid()))
+            self._fd = os.open(self._private, _DIR_FLAGS | os.O_NOFOLLOW)
+        except OSError as exc:
+            log.warning("cache: cannot make a private cache: %s; no module is reused",
+                        exc.strerror)
+
+    def key(self, script_digest: str, suffix: str, module: str) -> str:
+        """The entry name of a module compiled from a script of SCRIPT_DIGEST
+        (a .ko entry is MODULE's alone: the name is inside it)."""
+        material = [self._identity, script_digest] + ([module] if suffix == ".ko" else [])
+        return digest("\0".join(material).encode("utf-8", "surrogateescape")) + suffix
+
+    def lookup(self, names: List[str]) -> Optional[str]:
+        """The first of NAMES that is a usable entry (marked as used now)."""
+        if not self.enabled:
             return None
-        kept_digest, path = entry
-        if kept_digest != script_digest:
-            self.drop(module)
-            return None
-        loader = self._loader(os.path.splitext(path)[1])
-        return [loader, path] if loader else None
+        return _in_pool(self._lookup, names)
 
-    def keep(self, module: str, script_digest: str, workdir: str) -> bool:
-        """Move MODULE's compiled module out of WORKDIR into the cache."""
-        for suffix in LOADERS:
-            source = os.path.join(workdir, module + suffix)
+    def _lookup(self, names: List[str]) -> Optional[str]:
+        for name in names:
             try:
-                # Only a regular file (the script could leave anything there).
-                if not stat.S_ISREG(os.lstat(source).st_mode):
-                    continue
-                target = os.path.join(self._directory(), module + suffix)
-                _in_pool(shutil.move, source, target)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("cache: module=%s cannot keep %s: %s", module, source,
-                            exc.strerror)
-                return False
-            self._entries[module] = (script_digest, target)
-            return True
-        return False
-
-    def drop(self, module: str) -> None:
-        entry = self._entries.pop(module, None)
-        if entry is not None:
-            try:
-                _in_pool(os.unlink, entry[1])
+                st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
             except OSError:
-                pass
+                continue
+            if stat.S_ISREG(st.st_mode) and not _entry_problem(st):
+                try:
+                    os.utime(name, dir_fd=self._fd, follow_symlinks=False)
+                except OSError:
+                    pass
+                return name
+        return None
+
+    def place(self, name: str, workdir: str, target: str) -> None:
+        """Copy entry NAME to WORKDIR/TARGET (in the thread pool).  Raises
+        OSError or trust.Untrusted when it cannot."""
+        src = os.open(name, _READ_FLAGS, dir_fd=self._fd)
+        try:
+            problem = _entry_problem(os.fstat(src))
+            if problem:
+                raise trust.Untrusted(os.path.join(self.where(), name), problem)
+            dst_dir = os.open(workdir, _DIR_FLAGS | os.O_NOFOLLOW)
+            try:
+                _copy(src, dst_dir, target)
+            finally:
+                os.close(dst_dir)
+        finally:
+            os.close(src)
+
+    def store(self, workdir: str, source: str, name: str) -> bool:
+        """Copy WORKDIR/SOURCE into the cache as NAME, atomically; True if
+        it was kept."""
+        if not self.enabled:
+            return False
+        try:
+            _in_pool(self._store, workdir, source, name)
+        except (OSError, trust.Untrusted) as exc:
+            log.warning("cache: cannot keep %s: %s", escape_line(source), escape_line(str(exc)))
+            return False
+        if name.endswith(".ko"):
+            self._mine.add(name)
+        return True
+
+    def _store(self, workdir: str, source: str, name: str) -> None:
+        src_dir = os.open(workdir, _DIR_FLAGS | os.O_NOFOLLOW)
+        try:
+            src = os.open(source, _READ_FLAGS, dir_fd=src_dir)
+        finally:
+            os.close(src_dir)
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
+                raise trust.Untrusted(source, "is not a regular file of at most %d bytes"
+                                      % MAX_BYTES)
+            temp = "%s%d.%s" % (TEMP_PREFIX, os.getpid(), name)
+            try:
+                _copy(src, self._fd, temp)
+                os.rename(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            except BaseException:
+                _unlink(self._fd, temp)
+                raise
+        finally:
+            os.close(src)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keep the bounds: drop the least recently used entries, and
+        temporary files of writers that died."""
+        entries = []
+        now = time.time()
+        with os.scandir(self._fd) as listing:
+            for entry in listing:
+                st = entry.stat(follow_symlinks=False)
+                if ENTRY_RE.match(entry.name) and stat.S_ISREG(st.st_mode):
+                    entries.append((st.st_mtime, st.st_size, entry.name))
+                elif (entry.name.startswith(TEMP_PREFIX)
+                      and now - st.st_mtime > STALE_TEMP_SECONDS):
+                    _unlink(self._fd, entry.name)
+        entries.sort(reverse=True)
+        total = 0
+        for count, (_mtime, size, name) in enumerate(entries, 1):
+            total += size
+            if count > MAX_ENTRIES or total > MAX_BYTES:
+                _unlink(self._fd, name)
+                log.info("cache: evicted %s (bounds: %d modules, %d bytes)", name,
+                         MAX_ENTRIES, MAX_BYTES)
+
+    def drop(self, name: str) -> None:
+        if self.enabled:
+            _in_pool(_unlink, self._fd, name)
+
+    def where(self) -> str:
+        return self._private or self.directory or ""
 
     def clear(self) -> None:
-        self._entries.clear()
-        if self._dir is not None:
+        """At exit: remove the private cache, or this process's kernel
+        modules from the persistent one (nobody else can load them)."""
+        if self._fd is None:
+            return
+        for name in self._mine:
+            _unlink(self._fd, name)
+        os.close(self._fd)
+        self._fd = None
+        if self._private is not None:
             try:
-                trust.remove_tree(self._dir)
+                trust.remove_tree(self._private)
             except (OSError, trust.Untrusted) as exc:
-                log.warning("cache: cannot remove %s: %s", self._dir, exc)
-            self._dir = None
+                log.warning("cache: cannot remove %s: %s", self._private, exc)
+            self._private = None
 
-    def _directory(self) -> str:
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix=naming.cache_prefix(os.getpid()),
-                                         dir=self.root)
-        return self._dir
 
-    def _loader(self, suffix: str) -> Optional[str]:
-        if suffix not in self._loaders:
-            self._loaders[suffix] = shutil.which(LOADERS.get(suffix, ""))
-        return self._loaders[suffix]
+def stap_version(stap: List[str]) -> Optional[str]:
+    """The output of ``STAP -V`` (it names the translator's version), or
+    None when it cannot be had."""
+    try:
+        proc = subprocess.Popen(stap[:1] + ["-V"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        log.warning("cache: cannot run %s -V: %s", escape_line(stap[0]), exc.strerror)
+        return None
+    try:
+        out, _ = proc.communicate(timeout=VERSION_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        log.warning("cache: %s -V took over %g s", escape_line(stap[0]), VERSION_TIMEOUT)
+        return None
+    if proc.returncode != 0:
+        return None
+    return out.decode("utf-8", "replace")
+
+
+def _open_cache_dir(path: str) -> int:
+    """A descriptor of the trusted cache directory PATH, made if missing."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, 0o700)
+    held = trust.open_trusted_dir(path)
+    try:
+        return os.open(".", _DIR_FLAGS, dir_fd=held)
+    finally:
+        os.close(held)
+
+
+def _entry_problem(st: os.stat_result) -> Optional[str]:
+    if not stat.S_ISREG(st.st_mode):
+        return "is %s, not a regular file" % trust.type_name(st.st_mode)
+    return trust.owner_problem(st) or trust.mode_problem(st)
+
+
+def _copy(src: int, dir_fd: int, name: str) -> None:
+    """Copy the open file SRC to a new file NAME in DIR_FD (mode 0600)."""
+    dst = os.open(name, _WRITE_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        os.lseek(src, 0, os.SEEK_SET)
+        while True:
+            chunk = os.read(src, COPY_CHUNK)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst, view):]
+    finally:
+        os.close(dst)
+
+
+def _unlink(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def _in_pool(func, *args):
-    return gevent.get_hub().threadpool.apply(func, args)
+    """FUNC(*ARGS) in the hub's thread pool; its exception is raised here."""
+    def call():
+        try:
+            return False, func(*args)
+        except Exception as exc:  # noqa: BLE001 -- handed back to the caller
+            return True, exc
+    failed, value = gevent.get_hub().threadpool.apply(call)
+    if failed:
+        raise value
+    return value

@@ -1,45 +1,105 @@
-"""What a start of a script runs: the command line, and the compiled module
-kept for the next start.
+"""What a start of a script runs: the command line of each of its processes,
+and the compiled module kept for the next start.
 
 Before each start the script file is read (in the hub's thread pool): its
 digest keys the compiled-module cache and its ``// prometheus: TYPE/HELP``
 comments give the declarations.  An executable script runs directly with
-``-m MODULE`` appended; a plain one runs its kept compiled module if the
-cache has one for this content, else ``STAP -m MODULE FILE``.  After a full
-compile that produced output, the module is kept for the next start.
+``-m MODULE`` appended.  A plain one is compiled (``STAP -p4 -m MODULE
+FILE``, a "compile" run) and its module then runs under the runtime's loader
+alone (a "load" run in the same working directory), so that the running
+script's process tree is the loader only; a module kept in the cache for
+this script, stap, kernel and --stap is loaded at once, copied into the
+run's working directory under the run's module name.  When the loader cannot
+honour the --stap options (``loaders.py``), or without ``DirectLoad`` at
+all, the script runs through the stap driver (``STAP -m MODULE FILE``).
 
 Owns those choices for one script.  Must not spawn, signal or wait for
 processes (``child.py``), or decide when to start (``session.py``).
 """
 
+import dataclasses
 import logging
-from typing import List, Optional
+import os
+import stat
+from typing import Callable, List, Optional, Tuple
 
 import gevent
 
-from . import compiled
+from . import compiled, loaders
 from .catalog import Script
+from .child import ChildRun, rmtree
 from .declarations import Annotator, parse_declarations
+from .logs import escape_line
 
 log = logging.getLogger("stap-exporter")
 
 # The most of a script file read for its digest and declarations.
 MAX_SCRIPT_BYTES = 4 * 1024 * 1024
 
+# The kinds of run a start is made of.
+WRAPPER = "wrapper"   # an executable script, as it is
+DRIVER = "driver"     # STAP -m MODULE FILE
+COMPILE = "compile"   # STAP -p4 -m MODULE FILE
+LOAD = "load"         # the loader alone, on the compiled module
+
+
+@dataclasses.dataclass
+class DirectLoad:
+    """Compile-then-load for plain scripts: how the --stap options split
+    between translator and loader, and where compiled modules are kept."""
+
+    plan: loaders.Plan
+    cache: compiled.ModuleCache
+
+
+@dataclasses.dataclass
+class Step:
+    """One process of a start."""
+
+    kind: str
+    argv: List[str]
+    workdir: Optional[str] = None     # an existing working directory to run in
+    prepare: Optional[Callable[[str], None]] = None  # fills a new one (thread pool)
+    continues: bool = False           # the start is already under way
+
+    def discard(self) -> None:
+        """The step will not run: remove the working directory it was given."""
+        if self.workdir:
+            rmtree(self.workdir)
+            self.workdir = None
+
+    def log_spawn(self, script: Script, pid: int) -> None:
+        """One line per process: "compiling" for a compile, "spawned" for the
+        process that runs the script."""
+        argv = escape_line(" ".join(self.argv))
+        if self.kind == COMPILE:
+            log.info("compiling: script=%s pid=%d module=%s argv=%s", script.name, pid,
+                     script.module, argv)
+        else:
+            log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", script.name, pid,
+                     script.module, self.kind, argv)
+
 
 class Launch:
     """The command lines of one script's starts."""
 
-    def __init__(self, script: Script, stap: List[str], module_cache):
+    def __init__(self, script: Script, stap: List[str], direct: Optional[DirectLoad]):
         self.script = script
         self.stap = stap
-        self.module_cache = module_cache  # compiled.ModuleCache, or None
+        self.direct = direct
         self.digest: Optional[str] = None  # of the script file at the last start
-        self.from_cache = False             # this run uses a kept compiled module
+        self.from_cache = False             # this run loads a kept module
+        self._kept: Optional[str] = None    # the cache entry this run loads
+        self._compiled: Optional[Tuple[str, str]] = None  # (workdir, suffix) to load
+        self._annotator: Optional[Annotator] = None
 
     def read_script(self) -> Optional[Annotator]:
         """Read the script file (in the thread pool); returns its declarations'
-        annotator, None when it declares nothing or cannot be read."""
+        annotator, None when it declares nothing or cannot be read.  Not
+        read again for the loader after a compile: it runs what was read."""
+        if self._compiled is not None:
+            return self._annotator
+
         def read():
             with open(self.script.path, "rb") as f:
                 return f.read(MAX_SCRIPT_BYTES)
@@ -48,37 +108,117 @@ class Launch:
         except OSError as exc:
             log.warning("declarations: script=%s cannot read the script: %s", self.script.name,
                         exc.strerror)
-            self.digest = None
+            self.digest = self._annotator = None
             return None
         self.digest = compiled.digest(content)
         annotator = Annotator(parse_declarations(content.decode("utf-8", "replace")))
-        return annotator if annotator else None
+        self._annotator = annotator if annotator else None
+        return self._annotator
 
-    def argv(self) -> List[str]:
-        """The command line of the next start."""
-        module_args = ["-m", self.script.module]
+    def next_step(self) -> Step:
+        """The next process of the start under way."""
+        module = self.script.module
         self.from_cache = False
         if self.script.is_executable():
-            return [self.script.path] + module_args
-        cache = self.module_cache
-        if cache is not None and self.digest is not None:
-            kept = cache.argv(self.script.module, self.digest)
-            if kept is not None:
-                self.from_cache = True
-                return kept
-        return list(self.stap) + module_args + [self.script.path]
+            return Step(WRAPPER, [self.script.path, "-m", module])
+        plan = self.direct.plan if self.direct else None
+        if plan is None or plan.driver_reason:
+            if plan is not None:
+                plan.note_driver(plan.driver_reason)
+            return self._driver()
+        if self._compiled is not None:
+            workdir, suffix = self._compiled
+            self._compiled = None
+            refusal = plan.loader_refusal(suffix)
+            if refusal:
+                plan.note_driver(refusal)
+                return Step(DRIVER, self._driver().argv, workdir=workdir, continues=True)
+            return Step(LOAD, plan.loader_argv(suffix, module + suffix), workdir=workdir,
+                        continues=True)
+        kept = self._lookup()
+        if kept is not None and not plan.loader_refusal(os.path.splitext(kept)[1]):
+            suffix = os.path.splitext(kept)[1]
+            self.from_cache, self._kept = True, kept
+            cache = self.direct.cache
+            return Step(LOAD, plan.loader_argv(suffix, module + suffix),
+                        prepare=lambda workdir: cache.place(kept, workdir, module + suffix))
+        return Step(COMPILE, plan.compile_argv(module, self.script.path))
+
+    def _driver(self) -> Step:
+        return Step(DRIVER, list(self.stap) + ["-m", self.script.module, self.script.path])
+
+    def _lookup(self) -> Optional[str]:
+        if self.digest is None:
+            return None
+        cache = self.direct.cache
+        return cache.lookup([cache.key(self.digest, suffix, self.script.module)
+                             for suffix in loaders.LOADERS])
+
+    def take_compiled(self, run: ChildRun) -> bool:
+        """True if RUN, which exited, was a compile that left a module: its
+        working directory is taken over for the loader's run (spawned next).
+        A compile that failed, or left nothing, ends the start like any
+        failing run."""
+        if run.kind != COMPILE or run.returncode != 0:
+            return False
+        if not self._compiled_in(run.workdir):
+            run.stderr_tail.append("the compile left no module in its working directory")
+            return False
+        log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
+                 self.script.module)
+        run.workdir = None  # handed over
+        return True
+
+    def _compiled_in(self, workdir: str) -> bool:
+        """Keep the module a compile left in WORKDIR in the cache, and load
+        it next.  False when it left none."""
+        for suffix in loaders.LOADERS:
+            source = self.script.module + suffix
+            if _regular_file(os.path.join(workdir, source)):
+                self._compiled = (workdir, suffix)
+                if self.digest is not None:
+                    # Off the start's path: the loader is spawned meanwhile.
+                    gevent.spawn(self._keep, workdir, source,
+                                 self.direct.cache.key(self.digest, suffix, self.script.module))
+                return True
+        return False
+
+    def _keep(self, workdir: str, source: str, name: str) -> None:
+        if self.direct.cache.store(workdir, source, name):
+            log.info("cache: script=%s kept the compiled module for the next start",
+                     self.script.name)
+
+    def abandon(self) -> None:
+        """The start ends before its compiled module was loaded: remove the
+        compile's working directory."""
+        pending, self._compiled = self._compiled, None
+        if pending:
+            rmtree(pending[0])
+
+    def spawn_error(self, argv: List[str], exc: Exception) -> Optional[str]:
+        """A process of a start could not be forked, or a kept module not
+        placed: then it is forgotten (None: compile next).  Else the
+        failure's message."""
+        reason = getattr(exc, "strerror", None) or str(exc)
+        if self.from_cache:
+            log.warning("cache: script=%s cannot use the kept module (%s); recompiling",
+                        self.script.name, escape_line(reason))
+            self.drop_kept()
+            return None
+        message = "cannot run %s: %s" % (argv[0], reason)
+        log.error("spawn-failed: script=%s %s", self.script.name, escape_line(message))
+        return message
 
     def drop_kept(self) -> None:
         """The kept module would not run: forget it."""
-        self.module_cache.drop(self.script.module)
+        if self._kept is not None:
+            self.direct.cache.drop(self._kept)
+            self._kept = None
 
-    def keep_compiled(self, workdir: Optional[str]) -> None:
-        """After a full compile that produced output, keep the module in
-        WORKDIR for the next start (callers know it produced output and is
-        not stopping for good)."""
-        cache = self.module_cache
-        if (cache is not None and workdir and not self.from_cache
-                and self.digest is not None and not self.script.is_executable()):
-            if cache.keep(self.script.module, self.digest, workdir):
-                log.info("cache: script=%s kept the compiled module for the next start",
-                         self.script.name)
+
+def _regular_file(path: str) -> bool:
+    """PATH is a regular file (not a link to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -226,10 +226,14 @@ def _reap() -> None:
         pass
 
 
-def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = None) -> int:
+def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = None,
+                    spare: Iterable[str] = ()) -> int:
     """Remove what dead exporters left; returns how many things were cleaned.
-    Never raises: a start-up must not fail because of what others left."""
+    The directories in SPARE (the persistent cache of compiled modules) are
+    never removed, whatever their names.  Never raises: a start-up must not
+    fail because of what others left."""
     root = os.path.realpath(workdir_root or tempfile.gettempdir())
+    spared = {os.path.realpath(path) for path in spare}
     cleaned = 0
     try:
         procs = orphaned_processes(root)
@@ -242,13 +246,13 @@ def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = No
         log.exception("leftovers: the process sweep failed")
     for directory in procfs_dirs:
         if not kernel_owned(directory):
-            cleaned += _sweep_dir(directory, MODULE_RE)
-    return cleaned + _sweep_dir(root, _WORKDIR_RE)
+            cleaned += _sweep_dir(directory, MODULE_RE, spared)
+    return cleaned + _sweep_dir(root, _WORKDIR_RE, spared)
 
 
-def _sweep_dir(directory: str, pattern: "re.Pattern") -> int:
+def _sweep_dir(directory: str, pattern: "re.Pattern", spared=frozenset()) -> int:
     """Remove the entries of DIRECTORY whose name PATTERN gives a dead
-    owner's pid."""
+    owner's pid (not those in SPARED)."""
     try:
         entries = os.listdir(directory)
     except OSError:
@@ -256,8 +260,9 @@ def _sweep_dir(directory: str, pattern: "re.Pattern") -> int:
     cleaned = 0
     for name in entries:
         m = pattern.match(name)
-        if m and _dead_owner(m.group(1)):
-            cleaned += _remove(os.path.join(directory, name))
+        path = os.path.join(directory, name)
+        if m and _dead_owner(m.group(1)) and os.path.realpath(path) not in spared:
+            cleaned += _remove(path)
     return cleaned
 
 

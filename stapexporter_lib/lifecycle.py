@@ -33,9 +33,10 @@ from typing import Callable, Deque, List, Optional
 import gevent
 from gevent import subprocess
 
+from . import trust
 from .catalog import Script
-from .child import (ChildRun, Seams, Waiter, escape_line, remove_module_dirs, stop_budget,
-                    wait_any)
+from .child import (ChildRun, Seams, Waiter, remove_module_dirs,
+                    stop_budget, wait_any)
 from .launch import Launch
 from .scriptstate import OUTPUT_POLL_INTERVAL, ScriptState
 from .states import (BACKOFF, FAILED, OUTPUT_PENDING_STATES, REFUSED, STARTABLE_STATES, STARTING,
@@ -65,7 +66,7 @@ class SessionConfig:
     stop_grace: float
     workdir_root: str
     max_output: int
-    module_cache: object  # compiled.ModuleCache, or None
+    direct_load: object  # launch.DirectLoad, or None: plain scripts run through the driver
     insecure_scripts: bool  # skip the script trust checks (--insecure-scripts)
 
 
@@ -117,7 +118,7 @@ class Lifecycle(ScriptState):
         self.last_request = clock()
         self._backoff = Backoff()
         self._stop_requested = False
-        self._launch = Launch(script, config.stap, config.module_cache)
+        self._launch = Launch(script, config.stap, config.direct_load)
 
     def touch(self) -> None:
         """A request arrived: reset the keepalive clock."""
@@ -150,8 +151,8 @@ class Lifecycle(ScriptState):
     # -- in the watchdog greenlet -------------------------------------------
 
     def _spawn(self) -> None:
-        """Fork the process of a STARTING session.  On failure to spawn:
-        FAILED (or BACKOFF for autostart)."""
+        """Fork the next process of a STARTING session (a start's first, or the
+        loader after a compile).  If it cannot: FAILED (BACKOFF if autostart)."""
         self._reader.new_run()
         self._produced = False
         self.stderr_tail.clear()
@@ -163,24 +164,25 @@ class Lifecycle(ScriptState):
             log.warning("stale: script=%s removed %s left by an earlier run", self.name,
                         directory)
         self._reader.annotator = self._launch.read_script()
-        argv = self._launch.argv()
-        run = ChildRun(self.script, self.stderr_tail, self._os)
+        step = self._launch.next_step()
+        run = ChildRun(self.script, self.stderr_tail, self._os, step.kind)
         # Checked again right before the exec: the file is run by name.
         if self._refused_to_spawn():
+            step.discard()
             return
         try:
-            run.spawn(argv, self.config.workdir_root)
-        except OSError as exc:
-            message = "cannot run %s: %s" % (argv[0], exc.strerror or exc)
-            log.error("spawn-failed: script=%s %s", self.name, message)
-            self._spawn_failed(message)
+            run.spawn(step.argv, self.config.workdir_root, step.workdir, step.prepare)
+        except (OSError, trust.Untrusted) as exc:
+            message = self._launch.spawn_error(step.argv, exc)
+            if message:  # else a kept module is forgotten: the watchdog compiles next
+                self._spawn_failed(message)
             return
         self._run = run
-        self.started_at = self.clock()
-        self.starts += 1
+        if not step.continues:
+            self.started_at = self.clock()
+            self.starts += 1
         self.last_error = None
-        log.info("spawned: script=%s pid=%d module=%s argv=%s", self.name, run.pid,
-                 self.script.module, escape_line(" ".join(argv)))
+        step.log_spawn(self.script, run.pid)
 
     def _refused_to_spawn(self) -> bool:
         """True (and the session REFUSED) if the script file is not trusted.
@@ -188,6 +190,7 @@ class Lifecycle(ScriptState):
         on-demand one by the next request."""
         refusal = self.script_refusal()
         if refusal:
+            self._launch.abandon()
             self.note_refusal(refusal)
             self.backoff_until = None
             if self.script.autostart and not self._stop_requested:
@@ -279,6 +282,9 @@ class Lifecycle(ScriptState):
     def _handle_exit(self) -> None:
         run = self._run
         uptime = self.clock() - (self.started_at or self.clock())
+        if not self._stop_requested and self._launch.take_compiled(run):
+            self._end_run()
+            return  # still STARTING: the watchdog spawns the loader
         if self._launch.from_cache and not self._produced and not self._stop_requested:
             # The kept module would not run (a changed kernel or runtime, say):
             # forget it and compile afresh, without bothering the client.
@@ -318,15 +324,12 @@ class Lifecycle(ScriptState):
 
     def _end_run(self) -> None:
         """What every end of a run needs, whatever ended it: drain the output
-        pumps, stop what is left of the process group, keep the compiled
-        module if it is worth keeping (not when stopping for good: no next
-        start to speed up), remove the run's files (the working directory and
-        any module directory the runtime failed to remove, like the BPF
-        runtime's FIFO directory after a SIGKILL), and forget the process."""
+        pumps, stop what is left of the process group, remove the run's files
+        (the working directory unless a compile handed it over, and any
+        module directory the runtime failed to remove, like the BPF runtime's
+        FIFO directory after a SIGKILL), and forget the process."""
         run = self._run
         run.reap(self.config.stop_grace)
-        if self._produced and not self._stop_requested:
-            self._launch.keep_compiled(run.workdir)
         run.remove_workdir()
         remove_module_dirs(self.script.module, self.config.procfs_dirs)
         self._reader.path = None

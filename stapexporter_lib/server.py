@@ -10,6 +10,7 @@ Must not hold request or lifecycle logic.
 
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -20,10 +21,11 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, basicauth, cli, discovery, procfs, webconfig
+from . import __version__, basicauth, cli, discovery, loaders, procfs, webconfig
 from .app import App
 from .catalog import Catalog
 from .compiled import ModuleCache
+from .launch import DirectLoad
 from .http import Server
 from .leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
@@ -37,6 +39,9 @@ log = logging.getLogger("stap-exporter")
 BACKLOG = 1024
 # How long in-flight requests get to finish once the scripts have stopped.
 REQUEST_DRAIN = 2.0
+# Set to 1 (by bench/lean.py only), plain scripts run through the stap driver
+# instead of being compiled and then loaded: the old way, for comparison.
+DRIVER_ONLY_ENV = "STAP_EXPORTER_DRIVER_ONLY"
 
 
 class StartupError(Exception):
@@ -97,12 +102,16 @@ class Exporter:
         if refusal:
             raise StartupError(refusal)
         self.catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
-        self.module_cache = None if config.recompile else ModuleCache()
+        self.module_cache = ModuleCache(None if config.recompile else config.cache_dir,
+                                        config.stap)
+        direct = DirectLoad(loaders.Plan(config.stap), self.module_cache)
+        if os.environ.get(DRIVER_ONLY_ENV) == "1":
+            direct = None
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
             start_wait=START_WAIT, stop_grace=config.stop_timeout,
             workdir_root=tempfile.gettempdir(), max_output=procfs.DEFAULT_MAX_BYTES,
-            module_cache=self.module_cache, insecure_scripts=config.insecure_scripts),
+            direct_load=direct, insecure_scripts=config.insecure_scripts),
             max_running=config.max_scripts, max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.web = None
@@ -126,7 +135,8 @@ class Exporter:
         gevent.signal_handler(signal.SIGHUP, self._on_hup)
         listener = make_listener(self.config.listen, self.config.port)
         set_child_subreaper()
-        sweep_leftovers(self.config.procfs_dirs)
+        sweep_leftovers(self.config.procfs_dirs, spare=[self.config.cache_dir])
+        self.module_cache.setup()
         self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
                              spawn="default", header_timeout=self.config.header_timeout,
                              max_connections=self.config.max_connections,
@@ -164,8 +174,7 @@ class Exporter:
         ok = self.manager.shutdown()
         self.server.wait_handlers(REQUEST_DRAIN)
         self.server.stop(timeout=REQUEST_DRAIN)
-        if self.module_cache is not None:
-            self.module_cache.clear()
+        self.module_cache.clear()
         log.info("exited: stap-exporter stopped%s", "" if ok else " (some scripts did not stop)")
         return 0 if ok else 1
 

@@ -64,6 +64,19 @@ def processes_matching(text):
     return pids
 
 
+def process_group(pid):
+    """Pids of PID's process group."""
+    pgid = os.getpgid(pid)
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.getpgid(int(entry)) == pgid:
+                members.append(int(entry))
+        except OSError:
+            continue
+    return members
+
+
 _FAKE_LOADERS = []
 
 
@@ -113,12 +126,25 @@ class Exporter:
                "--stap", stap, "--procfs-dirs", ":".join([self.procfs] + list(extra_procfs)),
                "--log-level", "debug"]
         cmd += list(args)
+        # Each exporter keeps compiled modules in a cache of its own unless
+        # the test names one (tests of the persistent cache share one).
+        self.own_cache = None
+        if "--cache-dir" not in args:
+            import tempfile
+            self.own_cache = tempfile.mkdtemp(prefix="stapexp-test-cache.")
+            cmd += ["--cache-dir", self.own_cache]
         # fakestap also plays the runtime's loader (stapbpf/staprun) for the
         # reuse of compiled modules.
         path = os.environ.get("PATH", "")
-        if stap == FAKESTAP:
+        if stap.split()[0] == FAKESTAP:  # also with options after it
             path = fake_loader_dir() + os.pathsep + path
         full_env = dict(os.environ, FAKESTAP_PROCFS=self.procfs, PATH=path)
+        # The real runtime's loaders run without the stap-bpf-setup wrapper,
+        # which sets the setrlimit shim only for the stap it runs: they find
+        # it in the exporter's environment (a test-harness device).
+        shim = os.path.join(os.path.dirname(stap.split()[0]), "setrlimit-shim.so")
+        if os.path.exists(shim):
+            full_env["LD_PRELOAD"] = shim
         full_env.update(env or {})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
@@ -199,6 +225,9 @@ class Exporter:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
+        if self.own_cache:
+            import shutil
+            shutil.rmtree(self.own_cache, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -209,6 +238,9 @@ def write_script(directory, name, directives="", executable=False, body=None):
     if executable:
         text += "#!%s\n" % FAKESTAP
     text += "# fake: %s\n" % directives
+    # Its name in it: scripts of equal content share a compiled module (as
+    # with real stap), and a fake module would then report the other's name.
+    text += "# script: %s\n" % name
     text += body if body is not None else (
         'global n\nprobe timer.s(1) { n++ }\n'
         'probe prometheus { @prometheus_dump_array0(n, "n") }\n')

@@ -105,7 +105,7 @@ def test_cpu_and_memory_of_a_burning_script_move(dirs, exporter_factory):
     exp = exporter_factory()
     exp.get_until("/hog.stp")
     exp.get_until("/idle.stp")
-    pid = int(re.search(r"script=hog\.stp pid=(\d+)", exp.log_text()).group(1))
+    pid = int(re.search(r"event=spawned script=hog\.stp pid=(\d+)", exp.log_text()).group(1))
     members = wait_for(lambda: len(group_members(pid)) >= 2 and group_members(pid),
                        message="the burner child in the script's process group")
     memory = wait_for(lambda: (metric(exp, "stap_exporter_script_resident_memory_bytes",

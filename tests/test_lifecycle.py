@@ -127,15 +127,19 @@ def test_executable_script_runs_directly_with_module_appended(dirs, exporter_fac
     assert len(argv) == 3
 
 
-def test_plain_script_runs_through_stap_command(dirs, exporter_factory):
+def test_plain_script_is_compiled_by_stap_then_run_by_the_loader(dirs, exporter_factory):
     scripts, _ = dirs
     write_script(scripts, "plain.stp")
     exp = exporter_factory()
     exp.get_until("/plain.stp")
-    line = exp.wait_log(r"event=spawned script=plain\.stp")
+    line = exp.wait_log(r"event=compiling script=plain\.stp")
     argv = shlex.split(line.split("argv=", 1)[1])[0].split()
     assert argv[0].endswith("fakestap")
-    assert argv[1] == "-m" and argv[3] == str(scripts / "plain.stp")
+    assert argv[1:3] == ["-p4", "-m"] and argv[4] == str(scripts / "plain.stp")
+    line = exp.wait_log(r"event=spawned script=plain\.stp")
+    argv = shlex.split(line.split("argv=", 1)[1])[0].split()
+    assert os.path.basename(argv[0]) == "stapbpf"
+    assert argv[1:] == [exp.module_prefix + "plain.bo"]
 
 
 def test_module_names_are_valid_unique_and_stable(dirs, exporter_factory):

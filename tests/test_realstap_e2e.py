@@ -23,7 +23,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, Exporter, processes_matching, wait_for
+from conftest import ROOT, Exporter, process_group, processes_matching, wait_for
 
 import realstap
 
@@ -127,6 +127,18 @@ def kinds(children):
     return found
 
 
+def group_commands(pid):
+    """The program names (argv[0] base names) of PID's process group."""
+    names = []
+    for member in process_group(pid):
+        try:
+            with open("/proc/%d/cmdline" % member, "rb") as f:
+                names.append(os.path.basename(f.read().split(b"\0")[0].decode()))
+        except (OSError, UnicodeDecodeError):
+            continue
+    return names
+
+
 def samples(body):
     """{sample name: sum of values} of a Prometheus text body (parsed strictly)."""
     totals = {}
@@ -171,6 +183,9 @@ def start(rs, scripts):
     started = []
 
     def _start(args=(), env=None):
+        # The loaders run without the --stap wrapper: the setrlimit shim goes
+        # into the exporter's environment (see tests/realstap.py).
+        env = dict({"LD_PRELOAD": rs.shim}, **(env or {}))
         exp = Exporter(scripts, PROCFS_DIRS, args=args, stap=rs.stap, env=env)
         started.append(exp)
         return exp
@@ -220,10 +235,13 @@ def test_plain_script_via_stap_counter_grows(start, scripts):
     os.chmod(str(scripts / "ticks.stp"), 0o644)
     exp = start()
     assert_counter_grows(exp, "/ticks.stp", "timer_ticks_total")
-    # It really is the real runtime: stap and stapbpf run with our module name,
-    # and the output is a FIFO.
+    # It really is the real runtime: compiled by stap, then stapbpf alone runs
+    # our module (its process group holds no stap), and the output is a FIFO.
     children = stap_children(exp)
-    assert kinds(children) == {"stap", "stapbpf"}, children
+    assert kinds(children) == {"stapbpf"}, children
+    assert [os.path.basename(c.split()[0]) for _p, c in children] == ["stapbpf"], children
+    assert group_commands(children[0][0]) == ["stapbpf"], group_commands(children[0][0])
+    exp.wait_log(event_re("compiling", "ticks.stp"))
     fifos = [os.path.join(d, "__prometheus") for d in fifo_dirs(exp)]
     assert len(fifos) == 1 and os.path.exists(fifos[0]), fifos
     assert stat.S_ISFIFO(os.stat(fifos[0]).st_mode)
@@ -254,10 +272,12 @@ def test_keepalive_stops_real_script_and_cleans_up(start, scripts):
     exp = start(["-k", "2"])
     first_then_ok(exp, "/ticks.stp")
     running = stap_children(exp)
-    assert kinds(running) == {"stap", "stapbpf"}, running
-    # stapbpf runs the .bo that stap compiled in the exporter's private working dir.
-    assert any(".bo" in cmd and "/stap-exporter.%d." % exp.proc.pid in cmd
-               for _pid, cmd in running), running
+    assert kinds(running) == {"stapbpf"}, running
+    # stapbpf runs the .bo that stap compiled, in the exporter's private working dir.
+    (pid, cmd), = running
+    assert cmd.split()[-1].endswith(".bo"), cmd
+    assert os.path.basename(os.readlink("/proc/%d/cwd" % pid)).startswith(
+        "stap-exporter.%d." % exp.proc.pid)
     assert fifo_dirs(exp) and workdirs(exp)
     exp.wait_log(event_re("stopped", "ticks.stp"), timeout=20)
     assert not stap_children(exp), stap_children(exp)
@@ -291,8 +311,8 @@ def test_sigterm_stops_every_real_process(rs, start, scripts):
     wait_for(lambda: len(glob.glob(pattern)) == 3, timeout=COMPILE_TIMEOUT,
              message="three FIFOs")
     running = stap_children(exp)
-    assert kinds(running) == {"stap", "stapbpf"}, running
-    assert len(running) >= 6, running  # stap + stapbpf per script (+ the wrapper shell's exec)
+    assert kinds(running) == {"stap", "stapbpf"}, running  # the wrapper's stap
+    assert len(running) >= 4, running  # stapbpf per plain script, stap + stapbpf for the wrapper
     exp.signal(signal.SIGTERM)
     assert exp.proc.wait(30) == 0, exp.log_text()[-3000:]
     assert not stap_children(exp), stap_children(exp)
@@ -306,11 +326,11 @@ def test_sigkill_of_exporter_stops_real_processes(start, scripts):
     exp = start()
     first_then_ok(exp, "/ticks.stp")
     running = stap_children(exp)
-    assert kinds(running) == {"stap", "stapbpf"}, running
+    assert kinds(running) == {"stapbpf"}, running
     assert fifo_dirs(exp)
     exp.proc.kill()
     exp.proc.wait(10)
-    # PR_SET_PDEATHSIG: stap gets SIGTERM and takes stapbpf with it.
+    # PR_SET_PDEATHSIG: stapbpf gets SIGTERM.
     wait_for(lambda: not stap_children(exp), timeout=15, interval=0.1,
              message="stap/stapbpf of a SIGKILLed exporter to exit (left: %s)" % running)
     wait_for(lambda: not fifo_dirs(exp), timeout=15, interval=0.1,
@@ -347,37 +367,53 @@ def test_concurrent_scrapes_each_get_one_copy(start, scripts):
         assert set(samples(r.text)) == set(names), r.text
 
 
-def test_restart_reuses_the_compiled_module(start, scripts, rs):
-    """After a keepalive stop the next start runs the kept .bo with stapbpf
-    instead of compiling again.  (The exporter gets the setrlimit shim in its
-    environment so that stapbpf, run directly, starts in this sandbox: the
-    --stap wrapper sets it only for the stap it runs.)"""
+def loads_without_compiling(exp, mark, name="ticks.stp"):
+    """The start logged after MARK loaded a kept module with stapbpf, with no
+    compile; returns its argv."""
+    line = exp.wait_log(event_re("spawned", name), start=mark)
+    argv = shlex.split(line.split("argv=", 1)[1])[0].split()     # a quoted logfmt value
+    assert os.path.basename(argv[0]) == "stapbpf" and argv[-1].endswith(".bo"), line
+    assert "run=load" in line, line
+    compiling = re.compile(event_re("compiling", name))
+    assert not [l for l in exp.log_lines[mark:] if compiling.search(l)]
+    return argv
+
+
+def test_kept_module_survives_keepalive_stop_and_exporter_restart(start, scripts, tmp_path):
+    """The compiled module goes to --cache-dir: after a keepalive stop, and
+    after the exporter itself is restarted, the script is loaded by stapbpf
+    at once, without compiling, and serves metrics."""
+    cache = str(tmp_path / "module-cache")
     write(scripts, "ticks.stp", TICKS)
-    exp = start(["-k", "1"], env={"LD_PRELOAD": rs.shim})
+    exp = start(["-k", "1", "--cache-dir", cache])
     first_then_ok(exp, "/ticks.stp")
     exp.wait_log(event_re("cache", "ticks.stp") + r".*kept the compiled module", timeout=20)
+    assert [f for f in os.listdir(cache) if f.endswith(".bo")]
     exp.wait_log(event_re("stopped", "ticks.stp"), timeout=20)
-    assert cachedirs(exp) and not workdirs(exp) and not fifo_dirs(exp)
+    assert not workdirs(exp) and not fifo_dirs(exp) and not cachedirs(exp)
     mark = len(exp.log_lines)
-    r = first_then_ok(exp, "/ticks.stp")
-    assert "ticks" in samples(r.text)
-    line = exp.wait_log(event_re("spawned", "ticks.stp"), start=mark)
-    argv = shlex.split(line.split("argv=", 1)[1])[0]     # a quoted logfmt value
-    assert os.path.basename(argv.split()[0]) == "stapbpf", line
-    assert ".cache." in argv and argv.split()[1].endswith(".bo"), line
+    assert "ticks" in samples(first_then_ok(exp, "/ticks.stp").text)
+    loads_without_compiling(exp, mark)
     assert kinds(stap_children(exp)) == {"stapbpf"}
-    exp.stop()
-    assert not cachedirs(exp), "the cache must go with the exporter"
+    cleanup(exp)
+    assert [f for f in os.listdir(cache) if f.endswith(".bo")], "the cache must survive"
+    again = start(["--cache-dir", cache])
+    assert "ticks" in samples(first_then_ok(again, "/ticks.stp").text)
+    loads_without_compiling(again, 0)
 
 
-def test_compiled_module_that_fails_is_recompiled(start, scripts):
-    """Without the shim, the kept .bo cannot start under stapbpf here; the
-    exporter must notice, forget it and compile afresh within the same
+def test_compiled_module_that_fails_is_recompiled(start, scripts, tmp_path):
+    """A kept module that stapbpf cannot load (here: its cache entry was
+    damaged) is forgotten and the script compiled afresh within the same
     request cycle, never reporting a 502."""
+    cache = str(tmp_path / "module-cache")
     write(scripts, "ticks.stp", TICKS)
-    exp = start(["-k", "1"])
+    exp = start(["-k", "1", "--cache-dir", cache])
     first_then_ok(exp, "/ticks.stp")
     exp.wait_log(event_re("stopped", "ticks.stp"), timeout=20)
+    for name in os.listdir(cache):
+        with open(os.path.join(cache, name), "r+b") as f:
+            f.write(b"\0not a BPF module\0" * 64)
     statuses = set()
 
     def ok():

@@ -5,7 +5,8 @@ signal to stapbpf, which got it twice and sometimes aborted its end probes
 ("received interrupt during exit probe", "stapbpf exited with signal: 6").
 Now the group leader alone gets SIGTERM first.  A script whose `probe end`
 prints a line is started and stopped by keepalive 20 times in a row (each
-run compiled afresh, so stap is the group leader every time).
+run compiled afresh by stap, then run by stapbpf alone: the loader is the
+group leader that gets the SIGTERM).
 """
 
 import re
@@ -41,7 +42,7 @@ def test_probe_end_runs_on_every_stop(start, scripts):
     text = exp.log_text()
     assert len(ended.findall(text)) == STOPS, text[-3000:]
     assert not ABORTS.search(text), ABORTS.search(text).group(0) + "\n" + text[-3000:]
-    stopped = re.findall(r"event=stopped script=ending\.stp pid=\d+ msg=\"\(([^)]*)\)", text)
+    stopped = re.findall(r'event=stopped script=ending\.stp pid=\d+ msg="\(([^)]*)\)', text)
     assert len(stopped) == STOPS, stopped
     # (Under a heavily loaded machine one of 20 stops once ended with another
     # status than 0, with its end line logged: what matters is no abort.)

@@ -151,7 +151,7 @@ def world(tmp_path):
         config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                                keepalive=keepalive, start_wait=start_wait,
                                stop_grace=stop_grace, workdir_root=str(tmp_path),
-                               max_output=procfs.DEFAULT_MAX_BYTES, module_cache=None,
+                               max_output=procfs.DEFAULT_MAX_BYTES, direct_load=None,
                                insecure_scripts=False)
         session = Session(script, config, clock=vt.clock, popen=popen or fake.popen,
                           wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
@@ -402,7 +402,7 @@ def test_manager_caps_refuse_starts_with_busy(world, tmp_path):
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                            keepalive=None, start_wait=0.5, stop_grace=5.0,
                            workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
-                           module_cache=None, insecure_scripts=False)
+                           direct_load=None, insecure_scripts=False)
 
     def factory(script, config, clock, admit):
         return Session(script, config, clock=clock, admit=admit, popen=fake.popen,

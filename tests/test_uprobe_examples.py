@@ -222,8 +222,9 @@ def test_uprobe_example_counts_and_restarts_from_kept_module(uprobe_env, script)
     mark = len(exporter.log_lines)
     first_then_ok(exporter, path)
     line = exporter.wait_log(event_re("spawned", script), start=mark)
-    argv = shlex.split(line.split("argv=", 1)[1])[0].split()  # a quoted logfmt value
-    assert os.path.basename(argv[0]) == "stapbpf" and argv[1].endswith(".bo"), line
+    argv = shlex.split(line.split("argv=", 1)[1])[0].split()     # a quoted logfmt value
+    assert os.path.basename(argv[0]) == "stapbpf" and argv[-1].endswith(".bo"), line
+    assert "run=load" in line, line
     exact_growth(exporter, workload, script)
 
 

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Lean process trees (issue 12): what a running script costs the host, on
+the real BPF runtime, with plain scripts compiled and then run by stapbpf
+alone ("direct", the default) side by side with the stap driver way
+("driver": STAP -m MODULE FILE, where an idle stap waits beside stapbpf; forced
+with STAP_EXPORTER_DRIVER_ONLY=1 in the exporter's environment, a switch for
+this benchmark only).
+
+For 1 and 20 running scripts (each a distinct timer script with a
+``probe end`` that prints a line), in one run:
+  * resident memory of each script's whole process tree: the sum of VmRSS
+    over its process group (the loader, or stap + stapbpf);
+  * time to first metrics: from the first request for a stopped script to
+    its first 200, polling every 50 ms, all scripts asked at once (the
+    exporter compiles at most --max-starting 4 at a time in both ways);
+    every start compiles (a fresh --cache-dir per exporter, distinct scripts);
+  * whether each script's ``probe end`` output was delivered (logged) when
+    the exporter stopped it.
+
+Needs root, stap and stapbpf (tools/stap-bpf-setup prepares the runtime,
+including the setrlimit shim the loaders need in this sandbox).
+
+    python3 bench/lean.py
+    python3 bench/lean.py --counts 1,5
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+POLL = 0.05
+PROCFS = "/proc/systemtap:/var/tmp/systemtap-root"
+DRIVER_ONLY_ENV = "STAP_EXPORTER_DRIVER_ONLY"
+
+SCRIPT = """\
+// lean benchmark script %(i)d
+global ticks%%
+probe timer.ms(100) { ticks[cpu()]++ }
+probe prometheus { @prometheus_dump_array1(ticks, "ticks", "cpu") }
+probe end { printf("probe-end-ran script=%(i)d\\n") }
+"""
+
+
+def first_metrics(exp, names, timeout=300.0):
+    """{name: seconds to the first 200}, all asked at once."""
+    out = {}
+
+    def poll(name):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            try:
+                status, _, _ = exp.get("/" + name, timeout=30)
+            except OSError:
+                status = None
+            if status == 200:
+                out[name] = time.monotonic() - t0
+                return
+            time.sleep(POLL)
+    threads = [threading.Thread(target=poll, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    missing = set(names) - set(out)
+    if missing:
+        raise RuntimeError("no metrics within %g s from %s" % (timeout, sorted(missing)))
+    return out
+
+
+def group_rss(pgid):
+    """(processes, KiB of VmRSS summed) of process group PGID."""
+    count, total = 0, 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) == pgid:
+                total += C.rss_kib(int(entry))
+                count += 1
+        except OSError:
+            continue
+    return count, total
+
+
+def trees(exp):
+    """[(processes, KiB)] per running script (one process group each)."""
+    groups = set()
+    for pid in C.processes_matching(exp.module_prefix):
+        try:
+            groups.add(os.getpgid(pid))
+        except OSError:
+            continue
+    return [group_rss(g) for g in sorted(groups)]
+
+
+def run(mode, stap, shim, count, tmp):
+    """One exporter, COUNT scripts: the row of figures."""
+    scripts = os.path.join(tmp, "%s-%d-scripts" % (mode, count))
+    os.makedirs(scripts)
+    names = []
+    for i in range(count):
+        names.append("lean%02d.stp" % i)
+        with open(os.path.join(scripts, names[-1]), "w") as f:
+            f.write(SCRIPT % {"i": i})
+    env = {"LD_PRELOAD": shim}
+    if mode == "driver":
+        env[DRIVER_ONLY_ENV] = "1"
+    exp = C.Exporter(scripts, PROCFS, stap=stap, env=env, log_level="debug",
+                     args=["--cache-dir", os.path.join(tmp, "%s-%d-cache" % (mode, count))])
+    firsts = first_metrics(exp, names)
+    time.sleep(1.0)  # let every tree settle (stap forks stapbpf after its compile)
+    measured = trees(exp)
+    left = exp.stop()
+    text = "\n".join(exp.log_lines)
+    ended = len(set(re.findall(r"probe-end-ran script=(\d+)", text)))
+    per_tree = [kib for _n, kib in measured]
+    return {
+        "mode": mode, "count": count, "procs": statistics.mean(n for n, _ in measured),
+        "tree_mib": statistics.mean(per_tree) / 1024, "total_mib": sum(per_tree) / 1024,
+        "first_median": statistics.median(firsts.values()), "first_max": max(firsts.values()),
+        "ended": ended, "left": left, "trees": len(measured),
+    }
+
+
+def prepare(tmp):
+    rdir = os.path.join(tmp, "realstap")
+    setup = subprocess.run([C.STAP_BPF_SETUP, rdir], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    if setup.returncode != 0:
+        raise SystemExit("stap-bpf-setup failed: %s" % setup.stderr.decode().strip())
+    wrapper = setup.stdout.decode().strip().splitlines()[-1]
+    return wrapper, os.path.join(os.path.dirname(wrapper), "setrlimit-shim.so")
+
+
+def main():
+    ap = argparse.ArgumentParser(description="stap-exporter lean process tree benchmark")
+    ap.add_argument("--counts", default="1,20", help="numbers of running scripts (1,20)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("lean: skipped: not root (the BPF runtime needs root)")
+        return 0
+    print("lean process tree benchmark: %s; real BPF runtime; timer script with probe end"
+          % C.machine_line())
+    tmp = C.make_tempdir()
+    stap, shim = prepare(tmp)
+    results = []
+    for count in [int(c) for c in args.counts.split(",")]:
+        for mode in ("direct", "driver"):
+            results.append(run(mode, stap, shim, count, tmp))
+            r = results[-1]
+            print("  %-6s %2d scripts: tree %.1f MiB (%.1f processes), first metrics median"
+                  " %.2f s, probe end %d/%d" % (mode, count, r["tree_mib"], r["procs"],
+                                                r["first_median"], r["ended"], count), flush=True)
+    rows = [[r["mode"], r["count"], "%.1f" % r["procs"], "%.1f" % r["tree_mib"],
+             "%.1f" % r["total_mib"], "%.2f" % r["first_median"], "%.2f" % r["first_max"],
+             "%d/%d" % (r["ended"], r["count"])] for r in results]
+    print()
+    print(C.table(["way", "scripts", "processes/script", "tree RSS MiB/script",
+                   "total RSS MiB", "first metrics median s", "max s", "probe end delivered"],
+                  rows))
+    summary, left = [], []
+    for count in sorted({r["count"] for r in results}):
+        by = {r["mode"]: r for r in results if r["count"] == count}
+        summary.append("%d scripts: tree RSS %.1f vs %.1f MiB (%.2fx), first metrics %.2f vs"
+                       " %.2f s" % (count, by["direct"]["tree_mib"], by["driver"]["tree_mib"],
+                                    by["direct"]["tree_mib"] / by["driver"]["tree_mib"],
+                                    by["direct"]["first_median"], by["driver"]["first_median"]))
+        left += by["direct"]["left"] + by["driver"]["left"]
+    print("\nSUMMARY lean (direct vs driver): %s%s" % (
+        "; ".join(summary), "; children left behind: %s" % left if left else ""))
+    return 0 if not left else 1
+
+
+if __name__ == "__main__":
+    C.main_wrapper(main)

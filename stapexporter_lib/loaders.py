@@ -1,0 +1,149 @@
+"""Which of the --stap command's options a runtime's loader takes, and the
+loader's command line.
+
+A plain script is compiled with ``STAP [options] -p4 -m MODULE FILE`` and
+its module then runs under the runtime's loader alone (``stapbpf
+MODULE.bo``, ``staprun MODULE.ko``), so that a running script costs the
+host one small process instead of an idle stap driver and the loader.  The
+options in --stap are sorted into those only the translator needs (the
+runtime, the kernel build tree, include paths, macros...), those the loader
+needs too or instead (``-v``, ``-w``, ``-o``, ``-x``, ``-c``, and for
+staprun ``-s`` as ``-b`` and ``-G`` as module options), and the rest.  A
+script whose options the loader cannot honour runs through the stap driver
+as before; the reason is logged once.
+
+Owns that classification and the loader command lines.  Must not start,
+signal or wait for anything, or decide which script runs how
+(``launch.py``).
+"""
+
+import logging
+import shutil
+from typing import Dict, List, Optional, Set
+
+from .logs import escape_line
+
+log = logging.getLogger("stap-exporter")
+
+# Compiled module suffix -> the runtime's loader.
+LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
+
+# Translator-only options (the module they produce is all the loader needs).
+_COMPILE_VALUE = {"-r", "-I", "-R", "-B", "-a", "-D", "-d", "--runtime", "--privilege",
+                  "--sysroot", "--sysenv", "--modinfo"}
+_COMPILE_FLAGS = {"-g", "-u", "-t", "-P", "-k", "--suppress-handler-errors",
+                  "--disable-cache", "--ldd", "--all-modules", "--unprivileged",
+                  "--suppress-time-limits"}
+# Options both the translator and every loader take, as they are.
+_BOTH_FLAGS = {"-v", "-w"}
+# Run-time options every loader takes, as they are.
+_LOADER_VALUE = {"-o", "-x", "-c"}
+# Run-time options only some loaders take: suffix -> loader option (None:
+# appended after the module as a module option).
+_SOME_LOADERS = {"-s": {".ko": "-b"}, "-G": {".ko": None}}
+_TAKES_VALUE = _COMPILE_VALUE | _LOADER_VALUE | set(_SOME_LOADERS)
+
+
+class Plan:
+    """How scripts run under one --stap command: its options sorted for the
+    translator and the loaders."""
+
+    def __init__(self, stap: List[str]):
+        self.stap0 = stap[0]
+        self.compile_args: List[str] = []
+        self.loader_args: List[str] = []
+        self._specific: List[tuple] = []     # (option, value)
+        self.driver_reason: Optional[str] = None  # why every script needs the driver
+        self._loaders: Dict[str, Optional[str]] = {}
+        self._logged: Set[str] = set()
+        self._sort(stap[1:])
+
+    def _sort(self, words: List[str]) -> None:
+        i = 0
+        while i < len(words):
+            word = words[i]
+            name, value = _split(word)
+            given = [word]  # as written: --runtime=bpf stays one word
+            if name in _TAKES_VALUE and value is None:
+                if i + 1 >= len(words):
+                    self.driver_reason = "option %s in --stap has no value" % name
+                    return
+                i += 1
+                value = words[i]
+                given.append(value)
+            i += 1
+            if not self._take(name, value, given):
+                self.driver_reason = ("option %s in --stap has no equivalent for the loaders"
+                                      % escape_line(word))
+                return
+
+    def _take(self, name: str, value: Optional[str], given: List[str]) -> bool:
+        """Sort one option (GIVEN, as written); False when no loader could
+        honour it."""
+        if name in _COMPILE_VALUE or name in _COMPILE_FLAGS:
+            self.compile_args += given
+        elif name in _BOTH_FLAGS or _repeated_flag(name):
+            self.compile_args += given
+            self.loader_args += given
+        elif name in _LOADER_VALUE:
+            self.loader_args += given
+        elif name in _SOME_LOADERS:
+            self._specific.append((name, value))
+        else:
+            return False
+        return True
+
+    def compile_argv(self, module: str, script_path: str) -> List[str]:
+        return [self.stap0] + self.compile_args + ["-p4", "-m", module, script_path]
+
+    def loader_refusal(self, suffix: str) -> Optional[str]:
+        """None if the loader for modules ending in SUFFIX can run them with
+        these options, else why not."""
+        if self.driver_reason:
+            return self.driver_reason
+        if suffix not in LOADERS:
+            return "the compile produced a %s module, which has no loader" % suffix
+        for name, _value in self._specific:
+            if suffix not in _SOME_LOADERS[name]:
+                return "option %s in --stap has no equivalent for %s" % (name, LOADERS[suffix])
+        if self._loader(suffix) is None:
+            return "%s is not on PATH" % LOADERS[suffix]
+        return None
+
+    def loader_argv(self, suffix: str, module_file: str) -> List[str]:
+        """The loader's command line for MODULE_FILE (check loader_refusal
+        first)."""
+        options, after = list(self.loader_args), []
+        for name, value in self._specific:
+            loader_option = _SOME_LOADERS[name][suffix]
+            if loader_option is None:
+                after.append(value)
+            else:
+                options += [loader_option, value]
+        return [self._loader(suffix)] + options + [module_file] + after
+
+    def note_driver(self, reason: str) -> None:
+        """Log, once per reason, that scripts fall back to the stap driver."""
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("driver: %s; plain scripts run through the stap driver", reason)
+
+    def _loader(self, suffix: str) -> Optional[str]:
+        if suffix not in self._loaders:
+            self._loaders[suffix] = shutil.which(LOADERS[suffix])
+        return self._loaders[suffix]
+
+
+def _split(word: str) -> tuple:
+    """(option name, attached value or None): --runtime=bpf, -rKB, -v."""
+    if word.startswith("--"):
+        name, eq, value = word.partition("=")
+        return name, (value if eq else None)
+    if word.startswith("-") and len(word) > 2 and word[:2] in _TAKES_VALUE:
+        return word[:2], word[2:]
+    return word, None
+
+
+def _repeated_flag(name: str) -> bool:
+    """-vv, -vvv: more verbosity, which both stap and the loaders take."""
+    return len(name) > 2 and name.startswith("-v") and set(name[1:]) == {"v"}
