@@ -92,6 +92,7 @@ class Launch:
         self._kept: Optional[str] = None    # the cache entry this run loads
         self._compiled: Optional[Tuple[str, str]] = None  # (workdir, suffix) to load
         self._annotator: Optional[Annotator] = None
+        self._driver_reason: Optional[str] = None  # why this script now runs the driver way
 
     def read_script(self) -> Optional[Annotator]:
         """Read the script file (in the thread pool); returns its declarations'
@@ -122,6 +123,8 @@ class Launch:
         if self.script.is_executable():
             return Step(WRAPPER, [self.script.path, "-m", module])
         plan = self.direct.plan if self.direct else None
+        if self._driver_reason is not None:
+            return self._driver()
         if plan is None or plan.driver_reason:
             if plan is not None:
                 plan.note_driver(plan.driver_reason)
@@ -143,6 +146,19 @@ class Launch:
             return Step(LOAD, plan.loader_argv(suffix, module + suffix),
                         prepare=lambda workdir: cache.place(kept, workdir, module + suffix))
         return Step(COMPILE, plan.compile_argv(module, self.script.path))
+
+    def fall_back_to_driver(self, run: ChildRun) -> bool:
+        """RUN, the loader alone on a module just compiled, exited before any
+        output: the loader does not run here as stap would run it (an
+        environment stap's wrapper sets up, say).  From now on this script
+        runs through the stap driver; True if that is new (logged once)."""
+        if self._driver_reason is not None:
+            return False
+        self._driver_reason = "the loader alone failed (%s)" % (
+            "exit status %s" % run.returncode)
+        log.warning("driver: script=%s pid=%d %s; running it through the stap driver from"
+                    " now on", self.script.name, run.pid, self._driver_reason)
+        return True
 
     def _driver(self) -> Step:
         return Step(DRIVER, list(self.stap) + ["-m", self.script.module, self.script.path])

@@ -37,7 +37,7 @@ from . import trust
 from .catalog import Script
 from .child import (ChildRun, Seams, Waiter, remove_module_dirs,
                     stop_budget, wait_any)
-from .launch import Launch
+from .launch import LOAD, Launch
 from .scriptstate import OUTPUT_POLL_INTERVAL, ScriptState
 from .states import (BACKOFF, FAILED, OUTPUT_PENDING_STATES, REFUSED, STARTABLE_STATES, STARTING,
                      STOPPED, STOPPING)
@@ -285,6 +285,10 @@ class Lifecycle(ScriptState):
         if not self._stop_requested and self._launch.take_compiled(run):
             self._end_run()
             return  # still STARTING: the watchdog spawns the loader
+        if (run.kind == LOAD and not self._launch.from_cache and not self._produced
+                and not self._stop_requested and self._launch.fall_back_to_driver(run)):
+            self._end_run()
+            return  # still STARTING: the watchdog runs the stap driver next
         if self._launch.from_cache and not self._produced and not self._stop_requested:
             # The kept module would not run (a changed kernel or runtime, say):
             # forget it and compile afresh, without bothering the client.

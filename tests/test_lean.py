@@ -65,6 +65,29 @@ def test_failing_compile_is_a_failing_start(dirs, exporter_factory):
     assert not exp.children()
 
 
+def test_a_loader_that_cannot_run_alone_falls_back_to_the_driver(dirs, exporter_factory):
+    """The loader alone fails right after a fresh compile (here: the sandbox's
+    stapbpf without the environment stap's wrapper gives it): the same start
+    goes on with the stap driver, which works, and so do later starts."""
+    scripts, _ = dirs
+    write_script(scripts, "picky.stp", "loader_fail")
+    exp = exporter_factory(["-k", "1"])
+    r = exp.get_until("/picky.stp")
+    assert "fake_up" in r.text, r.text
+    text = exp.log_text()
+    assert re.search(r'level=warning event=driver script=picky\.stp pid=\d+ msg="the loader'
+                     r' alone failed \(exit status 1\); running it through the stap driver',
+                     text), text
+    assert re.search(r"event=spawned script=picky\.stp .*run=driver", text), text
+    assert "event=exited script=picky.stp" not in text
+    mark = len(exp.log_lines)
+    exp.wait_log(r"event=stopped script=picky\.stp", timeout=10, start=mark)
+    assert exp.get_until("/picky.stp").status == 200      # the next start: driver at once
+    line = exp.wait_log(r"event=spawned script=picky\.stp", start=mark)
+    assert "run=driver" in line, line
+    assert len(re.findall(r"event=driver script=picky", exp.log_text())) == 1
+
+
 def test_options_the_loader_lacks_fall_back_to_the_driver_once(dirs, exporter_factory):
     scripts, _ = dirs
     write_script(scripts, "a.stp")
