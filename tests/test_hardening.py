@@ -117,6 +117,20 @@ def fd_count(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def fd_targets(pid):
+    """What PID's descriptors point at, for a failure message."""
+    found = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            found.append(os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+        except OSError:
+            pass
+    counts = {}
+    for target in found:
+        counts[target] = counts.get(target, 0) + 1
+    return sorted(counts.items())
+
+
 def assert_clean_log(exp):
     text = exp.log_text()
     assert "Traceback" not in text, text[-3000:]
@@ -788,7 +802,8 @@ def test_broken_scripts_and_no_fd_leak(dirs, exporter_factory):
     for _ in range(2):
         cycle()
     after = fd_count(pid)
-    assert after <= baseline + 2, "fds: %d after one cycle, %d after three" % (baseline, after)
+    assert after <= baseline + 2, "fds: %d after one cycle, %d after three: %s" % (
+        baseline, after, fd_targets(pid))
     exp.wait_log(r"event=kill script=stubborn\.stp .*SIGKILL")
     assert_clean_log(exp)
 
