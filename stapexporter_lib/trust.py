@@ -17,7 +17,8 @@ following any link and with a bound on its work.
 
 Owns those checks and the tree removal.  Must not know about sessions, HTTP
 or logging.  Everything here may block briefly on file-system
-metadata calls, as ``os.stat`` does.
+metadata calls, as ``os.stat`` does.  Its descriptors are closed with the real
+close(2), never gevent's deferred one: the hub never watches them.
 """
 
 import errno
@@ -25,6 +26,20 @@ import os
 import pwd
 import stat
 from typing import List, Optional, Tuple
+
+try:
+    from gevent.monkey import get_original
+except ImportError:  # used without gevent (tools, tests): nothing is patched
+    def get_original(_module: str, name: str):
+        return getattr(os, name)
+
+# The real close(2).  gevent (25.8.1 and later) patches os.close to close
+# anything but a regular file later, from a hub check watcher, in case the
+# hub still watches it; a directory descriptor then stays open until the hub
+# next runs its check watchers, which an idle or busy hub may put off
+# indefinitely (the walks here leaked whole chains of O_PATH descriptors).
+# The descriptors opened here are never watched by the hub: close them now.
+_close = get_original("os", "close")
 
 # The most entries one tree removal touches before giving up: a tree that
 # keeps growing under us (a runaway script) cannot keep clean-up busy forever.
@@ -132,12 +147,12 @@ def open_trusted_dir(path: str) -> int:
             walked += os.sep + name
             last = i == len(names) - 1
             child = _open_component(fd, name, walked, _PATH_FLAGS | os.O_DIRECTORY)
-            os.close(fd)
+            _close(fd)
             fd = child
             check_stat(walked, os.fstat(fd), allow_sticky=not last)
         return fd
     except BaseException:
-        os.close(fd)
+        _close(fd)
         raise
 
 
@@ -145,7 +160,7 @@ def dir_refusal(path: str) -> Optional[str]:
     """None if the directory PATH is trusted, else the reason (naming the
     offending path); a missing PATH is not refused."""
     try:
-        os.close(open_trusted_dir(path))
+        _close(open_trusted_dir(path))
     except Untrusted as exc:
         return str(exc)
     except FileNotFoundError:
@@ -165,13 +180,13 @@ def _probe_output(root: str, module: str, name: str) -> Tuple[int, os.stat_resul
         mod_path = os.path.join(root, module)
         mod_fd = _open_component(root_fd, module, mod_path, _PATH_FLAGS | os.O_DIRECTORY)
     finally:
-        os.close(root_fd)
+        _close(root_fd)
     try:
         check_stat(mod_path, os.fstat(mod_fd))
         path = os.path.join(mod_path, name)
         return mod_fd, _checked_output_stat(mod_fd, name, path), path
     except BaseException:
-        os.close(mod_fd)
+        _close(mod_fd)
         raise
 
 
@@ -180,7 +195,7 @@ def output_refusal(root: str, module: str, name: str) -> Optional[str]:
     is opened for reading (an open wakes a FIFO's writer), so this may be
     asked at any time.  Raises FileNotFoundError or OSError."""
     try:
-        os.close(_probe_output(root, module, name)[0])
+        _close(_probe_output(root, module, name)[0])
     except Untrusted as exc:
         return str(exc)
     return None
@@ -205,12 +220,12 @@ def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino):
                 return fd, opened
-            os.close(fd)
+            _close(fd)
             st = _checked_output_stat(mod_fd, name, path)
         raise Untrusted(path, "was replaced while it was being opened, %d times"
                         % OPEN_ATTEMPTS)
     finally:
-        os.close(mod_fd)
+        _close(mod_fd)
 
 
 def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:
@@ -220,7 +235,7 @@ def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:
     try:
         st = os.fstat(probe)
     finally:
-        os.close(probe)
+        _close(probe)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
         raise Untrusted(path, "is %s, not a regular file or FIFO" % type_name(st.st_mode))
     problem = owner_problem(st)
@@ -250,7 +265,7 @@ def _script_refusal(path: str) -> Optional[str]:
     try:
         st = os.lstat(os.path.basename(path), dir_fd=dir_fd)
     finally:
-        os.close(dir_fd)
+        _close(dir_fd)
     if stat.S_ISLNK(st.st_mode):
         # A link in a trusted directory was put there by a trusted user; what
         # it points to must be trusted just the same.
@@ -277,7 +292,7 @@ def remove_tree(path: str, limit: int = MAX_REMOVE_OPERATIONS) -> None:
     try:
         _remove_tree_at(parent_fd, os.path.basename(path), path, limit)
     finally:
-        os.close(parent_fd)
+        _close(parent_fd)
 
 
 def try_remove_tree(path: str) -> Optional[Exception]:
@@ -295,7 +310,7 @@ def _open_owned_dir(dir_fd: int, name: str, path: str) -> Tuple[int, Tuple[int, 
     st = os.fstat(fd)
     problem = owner_problem(st)
     if problem:
-        os.close(fd)
+        _close(fd)
         raise Untrusted(path, problem)
     return fd, (st.st_dev, st.st_ino)
 
@@ -314,7 +329,7 @@ def _remove_tree_at(parent_fd: int, name: str, path: str, limit: int) -> None:
             if sub is not None:
                 child, child_ident = _open_owned_dir(
                     cur, sub, os.path.join(path, *names, sub))
-                os.close(cur)
+                _close(cur)
                 cur = child
                 names.append(sub)
                 idents.append(child_ident)
@@ -324,14 +339,14 @@ def _remove_tree_at(parent_fd: int, name: str, path: str, limit: int) -> None:
             up = os.open("..", _DIR_FLAGS, dir_fd=cur)
             upst = os.fstat(up)
             if (upst.st_dev, upst.st_ino) != idents[-2]:
-                os.close(up)
+                _close(up)
                 raise Untrusted(os.path.join(path, *names), "was moved during clean-up")
-            os.close(cur)
+            _close(cur)
             cur = up
             idents.pop()
             os.rmdir(names.pop(), dir_fd=cur)
     finally:
-        os.close(cur)
+        _close(cur)
     os.rmdir(name, dir_fd=parent_fd)
 
 

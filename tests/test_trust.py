@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import EXPORTER, FAKESTAP, Exporter, stop_and_check, wait_for, write_script
+from conftest import EXPORTER, FAKESTAP, ROOT, Exporter, stop_and_check, wait_for, write_script
 from localattack import OpenWatch, Secret, attacker, shared  # noqa: F401 (fixtures)
 
 
@@ -279,3 +279,38 @@ def test_insecure_scripts_is_the_documented_way_out(dirs, start, shared):
     exp = start(str(procfs), ["--insecure-scripts"], scripts=loose)
     assert exp.get_until("/s.stp").status == 200
     exp.wait_log(r"event=insecure msg=\"--insecure-scripts")
+
+
+# Run in a monkey-patched process, as the daemon is: the trust walks' closes
+# must take effect at once, not when the hub next runs (gevent >= 25.8.1
+# defers os.close of anything but a regular file).
+_WALK_FDS = r"""
+from gevent import monkey
+monkey.patch_all()
+import os, sys
+import gevent
+from stapexporter_lib import trust
+
+def walk(script, output_dir):
+    before = len(os.listdir("/proc/self/fd"))
+    assert trust.script_refusal(script) is None
+    assert trust.dir_refusal(output_dir) is None
+    root, module = os.path.split(output_dir)
+    assert trust.output_refusal(root, module, "f") is None
+    return len(os.listdir("/proc/self/fd")) - before
+
+print(gevent.spawn(walk, sys.argv[1], sys.argv[2]).get())
+"""
+
+
+def test_trust_walks_close_their_descriptors_at_once_under_gevent(dirs):
+    scripts, procfs = dirs
+    script = write_script(scripts, "good.stp")
+    output_dir = os.path.join(str(procfs), "mod")
+    os.mkdir(output_dir, 0o755)
+    with open(os.path.join(output_dir, "f"), "w"):
+        pass
+    done = subprocess.run([sys.executable, "-c", _WALK_FDS, str(script), output_dir], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "0"  # no descriptor left open by the walks
