@@ -155,9 +155,9 @@ class ModuleCache:
             try:
                 _copy(src, dst_dir, target)
             finally:
-                os.close(dst_dir)
+                trust.close_now(dst_dir)
         finally:
-            os.close(src)
+            trust.close_now(src)
 
     def store(self, workdir: str, source: str, name: str) -> bool:
         """Copy WORKDIR/SOURCE into the cache as NAME, atomically; True if
@@ -178,7 +178,7 @@ class ModuleCache:
         try:
             src = os.open(source, _READ_FLAGS, dir_fd=src_dir)
         finally:
-            os.close(src_dir)
+            trust.close_now(src_dir)
         try:
             st = os.fstat(src)
             if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
@@ -192,7 +192,7 @@ class ModuleCache:
                 _unlink(self._fd, temp)
                 raise
         finally:
-            os.close(src)
+            trust.close_now(src)
         self._evict()
 
     def _evict(self) -> None:
@@ -231,7 +231,7 @@ class ModuleCache:
             return
         for name in self._mine:
             _unlink(self._fd, name)
-        os.close(self._fd)
+        trust.close_now(self._fd)
         self._fd = None
         if self._private is not None:
             try:
@@ -274,7 +274,7 @@ def _open_cache_dir(path: str) -> int:
     try:
         return os.open(".", _DIR_FLAGS, dir_fd=held)
     finally:
-        os.close(held)
+        trust.close_now(held)
 
 
 def _entry_problem(st: os.stat_result) -> Optional[str]:
@@ -296,7 +296,7 @@ def _copy(src: int, dir_fd: int, name: str) -> None:
             while view:
                 view = view[os.write(dst, view):]
     finally:
-        os.close(dst)
+        trust.close_now(dst)
 
 
 def _unlink(dir_fd: int, name: str) -> None:

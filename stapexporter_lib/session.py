@@ -16,8 +16,8 @@ from gevent import subprocess
 
 from . import procfs
 from .catalog import Script
-from .child import Waiter, escape_line, set_child_subreaper, wait_any  # noqa: F401 (re-exported)
-from .lifecycle import Lifecycle, SessionConfig, describe_exit  # noqa: F401 (re-exported)
+from .child import Waiter, wait_any
+from .lifecycle import Lifecycle, SessionConfig  # noqa: F401 (SessionConfig re-exported)
 from .states import BACKOFF, FAILED, REFUSED, STARTABLE_STATES, STARTING, STOPPED, STOPPING
 
 # The longest a request that finds its script starting waits for output.

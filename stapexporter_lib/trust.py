@@ -39,7 +39,8 @@ except ImportError:  # used without gevent (tools, tests): nothing is patched
 # next runs its check watchers, which an idle or busy hub may put off
 # indefinitely (the walks here leaked whole chains of O_PATH descriptors).
 # The descriptors opened here are never watched by the hub: close them now.
-_close = get_original("os", "close")
+# compiled.py closes its directory descriptors with it too.
+close_now = get_original("os", "close")
 
 # The most entries one tree removal touches before giving up: a tree that
 # keeps growing under us (a runaway script) cannot keep clean-up busy forever.
@@ -147,12 +148,12 @@ def open_trusted_dir(path: str) -> int:
             walked += os.sep + name
             last = i == len(names) - 1
             child = _open_component(fd, name, walked, _PATH_FLAGS | os.O_DIRECTORY)
-            _close(fd)
+            close_now(fd)
             fd = child
             check_stat(walked, os.fstat(fd), allow_sticky=not last)
         return fd
     except BaseException:
-        _close(fd)
+        close_now(fd)
         raise
 
 
@@ -160,7 +161,7 @@ def dir_refusal(path: str) -> Optional[str]:
     """None if the directory PATH is trusted, else the reason (naming the
     offending path); a missing PATH is not refused."""
     try:
-        _close(open_trusted_dir(path))
+        close_now(open_trusted_dir(path))
     except Untrusted as exc:
         return str(exc)
     except FileNotFoundError:
@@ -180,13 +181,13 @@ def _probe_output(root: str, module: str, name: str) -> Tuple[int, os.stat_resul
         mod_path = os.path.join(root, module)
         mod_fd = _open_component(root_fd, module, mod_path, _PATH_FLAGS | os.O_DIRECTORY)
     finally:
-        _close(root_fd)
+        close_now(root_fd)
     try:
         check_stat(mod_path, os.fstat(mod_fd))
         path = os.path.join(mod_path, name)
         return mod_fd, _checked_output_stat(mod_fd, name, path), path
     except BaseException:
-        _close(mod_fd)
+        close_now(mod_fd)
         raise
 
 
@@ -195,7 +196,7 @@ def output_refusal(root: str, module: str, name: str) -> Optional[str]:
     is opened for reading (an open wakes a FIFO's writer), so this may be
     asked at any time.  Raises FileNotFoundError or OSError."""
     try:
-        _close(_probe_output(root, module, name)[0])
+        close_now(_probe_output(root, module, name)[0])
     except Untrusted as exc:
         return str(exc)
     return None
@@ -220,12 +221,12 @@ def open_output(root: str, module: str, name: str) -> Tuple[int, os.stat_result]
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino):
                 return fd, opened
-            _close(fd)
+            close_now(fd)
             st = _checked_output_stat(mod_fd, name, path)
         raise Untrusted(path, "was replaced while it was being opened, %d times"
                         % OPEN_ATTEMPTS)
     finally:
-        _close(mod_fd)
+        close_now(mod_fd)
 
 
 def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:
@@ -235,7 +236,7 @@ def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:
     try:
         st = os.fstat(probe)
     finally:
-        _close(probe)
+        close_now(probe)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
         raise Untrusted(path, "is %s, not a regular file or FIFO" % type_name(st.st_mode))
     problem = owner_problem(st)
@@ -265,7 +266,7 @@ def _script_refusal(path: str) -> Optional[str]:
     try:
         st = os.lstat(os.path.basename(path), dir_fd=dir_fd)
     finally:
-        _close(dir_fd)
+        close_now(dir_fd)
     if stat.S_ISLNK(st.st_mode):
         # A link in a trusted directory was put there by a trusted user; what
         # it points to must be trusted just the same.
@@ -292,7 +293,7 @@ def remove_tree(path: str, limit: int = MAX_REMOVE_OPERATIONS) -> None:
     try:
         _remove_tree_at(parent_fd, os.path.basename(path), path, limit)
     finally:
-        _close(parent_fd)
+        close_now(parent_fd)
 
 
 def try_remove_tree(path: str) -> Optional[Exception]:
@@ -310,7 +311,7 @@ def _open_owned_dir(dir_fd: int, name: str, path: str) -> Tuple[int, Tuple[int, 
     st = os.fstat(fd)
     problem = owner_problem(st)
     if problem:
-        _close(fd)
+        close_now(fd)
         raise Untrusted(path, problem)
     return fd, (st.st_dev, st.st_ino)
 
@@ -329,7 +330,7 @@ def _remove_tree_at(parent_fd: int, name: str, path: str, limit: int) -> None:
             if sub is not None:
                 child, child_ident = _open_owned_dir(
                     cur, sub, os.path.join(path, *names, sub))
-                _close(cur)
+                close_now(cur)
                 cur = child
                 names.append(sub)
                 idents.append(child_ident)
@@ -339,14 +340,14 @@ def _remove_tree_at(parent_fd: int, name: str, path: str, limit: int) -> None:
             up = os.open("..", _DIR_FLAGS, dir_fd=cur)
             upst = os.fstat(up)
             if (upst.st_dev, upst.st_ino) != idents[-2]:
-                _close(up)
+                close_now(up)
                 raise Untrusted(os.path.join(path, *names), "was moved during clean-up")
-            _close(cur)
+            close_now(cur)
             cur = up
             idents.pop()
             os.rmdir(names.pop(), dir_fd=cur)
     finally:
-        _close(cur)
+        close_now(cur)
     os.rmdir(name, dir_fd=parent_fd)
 
 

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 sys.path.insert(0, ROOT)
 from stapexporter_lib import catalog, declarations, procfs  # noqa: E402
-from stapexporter_lib.session import escape_line  # noqa: E402
+from stapexporter_lib.logs import escape_line  # noqa: E402
 
 
 @pytest.mark.parametrize("data,expected", [
