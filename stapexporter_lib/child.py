@@ -118,6 +118,8 @@ class ChildRun:
         self.proc = None
         self.workdir: Optional[str] = None
         self.kind = kind  # launch's name for what this run is (compile, load...)
+        self.spawned_at = 0.0  # the seams' clock() when the process was forked
+        self.watch = None  # a dirwatch.Watch on the working directory (a compile's)
         self._pumps: List[gevent.Greenlet] = []
 
     @property
@@ -155,6 +157,7 @@ class ChildRun:
                                     stderr=subprocess.PIPE, cwd=self.workdir, env=env,
                                     close_fds=True, start_new_session=True,
                                     preexec_fn=_child_setup_for(os.getpid()))
+            self.spawned_at = self._os.clock()
         except (OSError, trust.Untrusted):
             self.remove_workdir()
             raise
@@ -257,7 +260,17 @@ class ChildRun:
                     self.name, self.pid)
         self.signal_group(signal.SIGKILL)
 
+    def reap_killed(self) -> None:
+        """After a SIGKILL to the group: wait for the leader's exit, drain the
+        output pumps and remove the working directory (if not handed over)."""
+        self._os.wait([self.result], KILL_WAIT)
+        self._join_pumps()
+        self.remove_workdir()
+
     def _join_pumps(self) -> None:
+        if self.watch is not None:  # nothing is waited for any more
+            self.watch.close()
+            self.watch = None
         gevent.joinall(self._pumps, timeout=PUMP_JOIN)
         for g in self._pumps:
             g.kill(block=False)

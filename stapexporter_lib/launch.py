@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple
 
 import gevent
 
-from . import compiled, loaders
+from . import compiled, dirwatch, loaders
 from .catalog import Script
 from .child import ChildRun, rmtree
 from .declarations import Annotator, parse_declarations
@@ -41,6 +41,9 @@ WRAPPER = "wrapper"   # an executable script, as it is
 DRIVER = "driver"     # STAP -m MODULE FILE
 COMPILE = "compile"   # STAP -p4 -m MODULE FILE
 LOAD = "load"         # the loader alone, on the compiled module
+
+# The compiled module whose completion ends a compile early (compiled_early).
+EARLY_SUFFIX = ".bo"
 
 
 @dataclasses.dataclass
@@ -170,12 +173,36 @@ class Launch:
         return cache.lookup([cache.key(self.digest, suffix, self.script.module)
                              for suffix in loaders.LOADERS])
 
-    def take_compiled(self, run: ChildRun) -> bool:
-        """True if RUN, which exited, was a compile that left a module: its
-        working directory is taken over for the loader's run (spawned next).
-        A compile that failed, or left nothing, ends the start like any
-        failing run."""
-        if run.kind != COMPILE or run.returncode != 0:
+    def compiled_pending(self) -> bool:
+        """A compile of the start under way has left a module to load."""
+        return self._compiled is not None
+
+    def watch_compile(self, run: ChildRun) -> Optional[dirwatch.Watch]:
+        """For a compile RUN just spawned: a watch on its working directory,
+        to know the moment its module is complete (``compiled_early``)."""
+        return dirwatch.shared().watch(run.workdir) if run.kind == COMPILE else None
+
+    def compiled_early(self, run: ChildRun, watch: Optional[dirwatch.Watch]) -> bool:
+        """True if RUN, a compile still running, has completed a BPF module
+        in its working directory (renamed into place, or written and
+        closed: WATCH saw it).  That is stap's last act of its pass 4, after
+        its own cache is updated: what is left of the compiler is removing
+        its temporary directory (inside the working directory, which is
+        removed with the loader's run) and exiting, which the start need
+        not wait for.  Only BPF modules: a kernel module may be followed by
+        its signature (a compile server's ``.ko.sgn``)."""
+        if watch is None or run.kind != COMPILE or run.exited():
+            return False
+        name = self.script.module + EARLY_SUFFIX
+        return watch.completed(name) and _regular_file(os.path.join(run.workdir, name))
+
+    def take_compiled(self, run: ChildRun, early: bool = False) -> bool:
+        """True if RUN was a compile that left a module: it exited with
+        status 0, or (EARLY) ``compiled_early`` said so before it was
+        stopped.  Its working directory is taken over for the loader's run
+        (spawned next).  A compile that failed, or left nothing, ends the
+        start like any failing run."""
+        if run.kind != COMPILE or (run.returncode != 0 and not early):
             return False
         if not self._compiled_in(run.workdir):
             run.stderr_tail.append("the compile left no module in its working directory")

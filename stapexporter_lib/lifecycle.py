@@ -7,8 +7,9 @@ Every state change goes through ``_transition``, which checks it against
 ``states.TRANSITIONS``.  One watchdog greenlet per live script waits for
 whichever comes first -- the child's exit, the keepalive deadline, or a stop
 request -- and acts on it; while the script starts it also looks for the
-output every ``OUTPUT_POLL_INTERVAL`` (a script is ``running`` once its
-output exists, read or not).  It sleeps through an autostart script's backoff
+output, often right after a spawn and then less (``scriptstate.
+output_poll_interval``): a script is ``running`` once its output exists,
+read or not.  It sleeps through an autostart script's backoff
 (or the wait before its refused file is checked again) and restarts it.  What
 a start runs comes from ``launch.Launch``; each run's output location is
 reset on the ``reader.OutputReader``.
@@ -38,7 +39,7 @@ from .catalog import Script
 from .child import (ChildRun, Seams, Waiter, remove_module_dirs,
                     stop_budget, wait_any)
 from .launch import LOAD, Launch
-from .scriptstate import OUTPUT_POLL_INTERVAL, ScriptState
+from .scriptstate import ScriptState, output_poll_interval
 from .states import (BACKOFF, FAILED, OUTPUT_PENDING_STATES, REFUSED, STARTABLE_STATES, STARTING,
                      STOPPED, STOPPING)
 
@@ -144,6 +145,12 @@ class Lifecycle(ScriptState):
         self._wake.set()
         watchdog.join(timeout if timeout is not None else self.stop_budget())
 
+    @property
+    def compiling(self) -> bool:
+        """Starting, and not just loading a compiled module: what
+        --max-starting counts (a loader's start costs next to nothing)."""
+        return self.state == STARTING and not (self._run is not None and self._run.kind == LOAD)
+
     def stop_budget(self) -> float:
         """The longest a stop can take (see ``child.stop_budget``)."""
         return stop_budget(self.config.stop_grace)
@@ -156,7 +163,10 @@ class Lifecycle(ScriptState):
         self._reader.new_run()
         self._produced = False
         self.stderr_tail.clear()
-        if self._refused_to_spawn():
+        # Loading what this start's compile just made: the script file is not
+        # read or run again, so it needs no new check.
+        loading = self._launch.compiled_pending()
+        if not loading and self._refused_to_spawn():
             return
         # A stale FIFO from an earlier run that died unseen would be read
         # instead of the new one (and never answer): start from a clean slate.
@@ -167,7 +177,7 @@ class Lifecycle(ScriptState):
         step = self._launch.next_step()
         run = ChildRun(self.script, self.stderr_tail, self._os, step.kind)
         # Checked again right before the exec: the file is run by name.
-        if self._refused_to_spawn():
+        if not (loading and step.kind == LOAD) and self._refused_to_spawn():
             step.discard()
             return
         try:
@@ -178,6 +188,7 @@ class Lifecycle(ScriptState):
                 self._spawn_failed(message)
             return
         self._run = run
+        run.watch = self._launch.watch_compile(run)
         if not step.continues:
             self.started_at = self.clock()
             self.starts += 1
@@ -220,6 +231,8 @@ class Lifecycle(ScriptState):
                 event = self._wait_live()
                 if event == "exit":
                     self._handle_exit()
+                elif event == "compiled":
+                    self._finish_compile()
                 else:
                     self._terminate(event)
         except BaseException:
@@ -247,9 +260,10 @@ class Lifecycle(ScriptState):
 
     def _wait_live(self) -> str:
         """Block until the process exits ("exit"), a stop is requested
-        ("stop"), or the keepalive period passes without requests ("idle").
-        Until the output appears (or while it is refused), look for it every
-        OUTPUT_POLL_INTERVAL."""
+        ("stop"), the keepalive period passes without requests ("idle"), or
+        a compile has completed its module ("compiled").
+        Until the output appears (or while it is refused), look for it
+        (``output_poll_interval``)."""
         keepalive = self.config.keepalive
         while True:
             if self._stop_requested:
@@ -261,13 +275,19 @@ class Lifecycle(ScriptState):
                     return "idle"
             if self.state in OUTPUT_PENDING_STATES:
                 self._look_for_output()
+            if self._launch.compiled_early(self._run, self._run.watch):
+                return "compiled"
             if self.state in OUTPUT_PENDING_STATES:
-                timeout = OUTPUT_POLL_INTERVAL if timeout is None \
-                    else min(timeout, OUTPUT_POLL_INTERVAL)
-            self._os.wait([self._run.result, self._wake], timeout)
+                poll = output_poll_interval(self.clock() - self._run.spawned_at)
+                timeout = poll if timeout is None else min(timeout, poll)
+            watch = self._run.watch
+            self._os.wait([self._run.result, self._wake] + ([watch.event] if watch else []),
+                          timeout)
             if self._run.exited() and not self._stop_requested:
                 return "exit"
             self._wake.clear()
+            if watch:
+                watch.event.clear()
 
     def _sleep_backoff(self) -> bool:
         """Sleep until the backoff ends; True if a stop came first."""
@@ -313,6 +333,22 @@ class Lifecycle(ScriptState):
             self._transition(BACKOFF)
         else:
             self._transition(FAILED)
+
+    def _finish_compile(self) -> None:
+        """The compile has completed its module (``Launch.compiled_early``):
+        what is left of it, its own clean-up and exit, is cut short
+        (SIGKILL) and reaped off the start's path, and the watchdog loads the
+        module next (still STARTING)."""
+        run = self._run
+        run.signal_group(signal.SIGKILL)
+        log.debug("compile: script=%s pid=%d module complete; compiler stopped", self.name,
+                  run.pid)
+        self._run = None
+        if not self._launch.take_compiled(run, early=True):  # removed meanwhile?
+            self.last_error = "the compile's module went away"
+            self.exits["error"] += 1
+            self._after_exit(uptime=0.0)
+        gevent.spawn(run.reap_killed)
 
     def _terminate(self, reason: str) -> None:
         run = self._run

@@ -14,7 +14,6 @@ import gevent
 from . import trust
 from .catalog import Catalog
 from .session import Session, SessionConfig
-from .states import STARTING
 
 log = logging.getLogger("stap-exporter")
 
@@ -90,7 +89,7 @@ class Manager:
         if len(live) >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
                     " when one stops" % len(live))
-        starting = sum(1 for s in live if s.state == STARTING)
+        starting = sum(1 for s in live if s.compiling)
         if starting >= self.max_starting:
             return ("%d scripts are starting, the most allowed at once (--max-starting);"
                     " try again shortly" % starting)

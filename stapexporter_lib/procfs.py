@@ -193,10 +193,13 @@ def _read_file_in_thread(path, fd, deadline, max_bytes, clock) -> bytes:
         raise OutputError("cannot read output %s: %s" % (path, exc.strerror)) from None
 
 
-# Pause between attempts when a FIFO reader saw end-of-file with no data
-# (it opened between two of stapbpf's write cycles).
+# Pause between attempts when a FIFO reader saw end-of-file with no data: it
+# opened between two of stapbpf's write cycles, or the script has nothing to
+# say yet (a timer script's arrays stay empty until the timer first fires).
+# A cycle costs the loader little, and the wait is bounded by the deadline
+# and shared by concurrent requests (single-flight).
 _EMPTY_RETRY_PAUSE = 0.005
-_EMPTY_RETRY_PAUSE_MAX = 0.1
+_EMPTY_RETRY_PAUSE_MAX = 0.025
 
 
 def _read_fifo(location, fd, deadline, max_bytes, clock) -> bytes:

@@ -37,7 +37,18 @@ MAX_REFUSALS_REMEMBERED = 64
 
 # While a script starts (or its output is refused), how often the watchdog
 # looks for its output: a few metadata calls (trust.output_refusal), no read.
+# Often right after a spawn (a loader on a compiled module makes its output
+# within milliseconds), then a quarter of the time since the spawn, up to
+# OUTPUT_POLL_INTERVAL (a compile takes a while): about 20 looks in the
+# first second of a start, then 5 a second.
+OUTPUT_POLL_FIRST = 0.01
 OUTPUT_POLL_INTERVAL = 0.2
+
+
+def output_poll_interval(since_spawn: float) -> float:
+    """How long the watchdog waits before it looks for the output again,
+    SINCE_SPAWN seconds after the run's process was spawned."""
+    return min(OUTPUT_POLL_INTERVAL, max(OUTPUT_POLL_FIRST, since_spawn / 4))
 
 
 class ScriptState:

@@ -10,7 +10,8 @@ import shlex
 import stat
 import time
 
-from conftest import Exporter, process_group, stop_and_check, wait_for, write_script
+from conftest import (Exporter, pid_alive, process_group, stop_and_check, wait_for,
+                      write_script)
 
 # The stand-in compile of the cache test takes this long.
 SLOW_COMPILE = 3
@@ -51,6 +52,38 @@ def test_compile_then_loader_alone_with_loader_options(dirs, exporter_factory, t
     assert os.path.exists(os.path.join(workdir, module + ".bo"))
     exp.wait_log(r"event=stopped script=plain\.stp ", timeout=10)
     assert not os.path.exists(workdir)
+
+
+def test_a_compile_is_done_once_its_module_is_in_place(dirs, exporter_factory):
+    """stap's last useful act of a compile is renaming the module into place;
+    its clean-up after that is not waited for: the compiler is stopped (no
+    process of it left) and the loader runs at once."""
+    scripts, _ = dirs
+    write_script(scripts, "lingering.stp", "linger=120")
+    exp = exporter_factory()
+    assert exp.get_until("/lingering.stp", timeout=30).status == 200  # long before 120 s
+    line = exp.wait_log(r"event=compiling script=lingering\.stp ")
+    compiler = int(re.search(r" pid=(\d+)", line).group(1))
+    exp.wait_log(r"event=compile script=lingering\.stp pid=%d .*module complete; compiler"
+                 r" stopped" % compiler)
+    wait_for(lambda: not pid_alive(compiler), message="the compiler to be gone")
+    loader, _ = spawned_pid(exp, "lingering.stp")
+    assert exp.children() == [loader]
+
+
+def test_max_starting_counts_compiles_not_loaders(dirs, exporter_factory):
+    """--max-starting caps compiles: a script whose module is compiled and
+    whose loader is still getting ready does not hold up the next start."""
+    scripts, _ = dirs
+    write_script(scripts, "slowload.stp", "load_delay=120")
+    write_script(scripts, "other.stp")
+    exp = exporter_factory(["--max-starting", "1"])
+    first = exp.get("/slowload.stp")
+    assert first.status == 503 and first.text.startswith("Refresh page"), first
+    spawned_pid(exp, "slowload.stp")  # its loader runs; its output is two minutes away
+    assert exp.get_until("/other.stp").status == 200
+    assert "--max-starting" not in exp.log_text()
+    assert exp.get("/slowload.stp").status == 503  # still starting
 
 
 def test_failing_compile_is_a_failing_start(dirs, exporter_factory):
