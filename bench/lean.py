@@ -7,7 +7,9 @@ with STAP_EXPORTER_DRIVER_ONLY=1 in the exporter's environment, a switch for
 this benchmark only).
 
 For 1 and 20 running scripts (each a distinct timer script with a
-``probe end`` that prints a line), in one run:
+``probe end`` that prints a line), in one run, the two ways taking turns
+(--repeat times each, 5 by default, so that both see the same machine; the
+figures are medians over the repeats):
   * resident memory of each script's whole process tree: the sum of VmRSS
     over its process group (the loader, or stap + stapbpf);
   * time to first metrics: from the first request for a stopped script to
@@ -15,13 +17,16 @@ For 1 and 20 running scripts (each a distinct timer script with a
     exporter compiles at most --max-starting 4 at a time in both ways);
     every start compiles (a fresh --cache-dir per exporter, distinct scripts);
   * whether each script's ``probe end`` output was delivered (logged) when
-    the exporter stopped it.
+    the exporter stopped it;
+  * for the direct way, also the first metrics after an exporter restart
+    ("direct, kept"): a new exporter on the same --cache-dir loads the
+    modules the first one compiled, as after a service restart or a reboot.
 
 Needs root, stap and stapbpf (tools/stap-bpf-setup prepares the runtime,
 including the setrlimit shim the loaders need in this sandbox).
 
     python3 bench/lean.py
-    python3 bench/lean.py --counts 1,5
+    python3 bench/lean.py --counts 1,5 --repeat 3
 """
 
 import argparse
@@ -101,33 +106,49 @@ def trees(exp):
     return [group_rss(g) for g in sorted(groups)]
 
 
-def run(mode, stap, shim, count, tmp):
-    """One exporter, COUNT scripts: the row of figures."""
-    scripts = os.path.join(tmp, "%s-%d-scripts" % (mode, count))
-    os.makedirs(scripts)
-    names = []
-    for i in range(count):
-        names.append("lean%02d.stp" % i)
-        with open(os.path.join(scripts, names[-1]), "w") as f:
-            f.write(SCRIPT % {"i": i})
+def run(mode, stap, shim, count, tmp, rep):
+    """One exporter, COUNT scripts (a fresh set and --cache-dir per repeat
+    REP): the row of figures.  Mode "kept" is a second exporter on the cache
+    the "direct" one of the same repeat filled."""
+    scripts = os.path.join(tmp, "%d-%d-scripts" % (count, rep))
+    if not os.path.isdir(scripts):
+        os.makedirs(scripts)
+        for i in range(count):
+            with open(os.path.join(scripts, "lean%02d.stp" % i), "w") as f:
+                f.write(SCRIPT % {"i": i + 100 * rep})
+    names = sorted(os.listdir(scripts))
     env = {"LD_PRELOAD": shim}
     if mode == "driver":
         env[DRIVER_ONLY_ENV] = "1"
+    cache = os.path.join(tmp, "%d-%d-cache-%s" % (count, rep, "driver" if mode == "driver"
+                                                  else "direct"))
     exp = C.Exporter(scripts, PROCFS, stap=stap, env=env, log_level="debug",
-                     args=["--cache-dir", os.path.join(tmp, "%s-%d-cache" % (mode, count))])
+                     args=["--cache-dir", cache])
     firsts = first_metrics(exp, names)
     time.sleep(1.0)  # let every tree settle (stap forks stapbpf after its compile)
     measured = trees(exp)
     left = exp.stop()
     text = "\n".join(exp.log_lines)
     ended = len(set(re.findall(r"probe-end-ran script=(\d+)", text)))
+    compiled = len(re.findall(r"event=(?:compiling|spawned) .*run=driver|event=compiling", text))
     per_tree = [kib for _n, kib in measured]
     return {
         "mode": mode, "count": count, "procs": statistics.mean(n for n, _ in measured),
         "tree_mib": statistics.mean(per_tree) / 1024, "total_mib": sum(per_tree) / 1024,
         "first_median": statistics.median(firsts.values()), "first_max": max(firsts.values()),
-        "ended": ended, "left": left, "trees": len(measured),
+        "ended": ended, "left": left, "trees": len(measured), "compiled": compiled,
     }
+
+
+def combine(runs):
+    """The medians over the repeats of one way and count."""
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("procs", "tree_mib", "total_mib", "first_median", "first_max")}
+    med.update(mode=runs[0]["mode"], count=runs[0]["count"], repeats=len(runs),
+               ended=min(r["ended"] for r in runs), compiled=max(r["compiled"] for r in runs),
+               left=[p for r in runs for p in r["left"]],
+               medians=[r["first_median"] for r in runs])
+    return med
 
 
 def prepare(tmp):
@@ -140,25 +161,34 @@ def prepare(tmp):
     return wrapper, os.path.join(os.path.dirname(wrapper), "setrlimit-shim.so")
 
 
+MODES = ("direct", "driver", "kept")
+
+
 def main():
     ap = argparse.ArgumentParser(description="stap-exporter lean process tree benchmark")
     ap.add_argument("--counts", default="1,20", help="numbers of running scripts (1,20)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each way, taking turns (5)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("lean: skipped: not root (the BPF runtime needs root)")
         return 0
-    print("lean process tree benchmark: %s; real BPF runtime; timer script with probe end"
-          % C.machine_line())
+    print("lean process tree benchmark: %s; real BPF runtime; timer script with probe end;"
+          " %d repeats" % (C.machine_line(), args.repeat))
     tmp = C.make_tempdir()
     stap, shim = prepare(tmp)
     results = []
     for count in [int(c) for c in args.counts.split(",")]:
-        for mode in ("direct", "driver"):
-            results.append(run(mode, stap, shim, count, tmp))
-            r = results[-1]
-            print("  %-6s %2d scripts: tree %.1f MiB (%.1f processes), first metrics median"
-                  " %.2f s, probe end %d/%d" % (mode, count, r["tree_mib"], r["procs"],
-                                                r["first_median"], r["ended"], count), flush=True)
+        runs = {mode: [] for mode in MODES}
+        for rep in range(args.repeat):
+            order = MODES if rep % 2 == 0 else ("driver", "direct", "kept")
+            for mode in order:
+                runs[mode].append(run(mode, stap, shim, count, tmp, rep))
+            print("  %2d scripts, repeat %d: first metrics median direct %.2f s, driver %.2f s,"
+                  " direct with kept modules %.2f s" % (
+                      count, rep + 1, runs["direct"][-1]["first_median"],
+                      runs["driver"][-1]["first_median"], runs["kept"][-1]["first_median"]),
+                  flush=True)
+        results += [combine(runs[mode]) for mode in MODES]
     rows = [[r["mode"], r["count"], "%.1f" % r["procs"], "%.1f" % r["tree_mib"],
              "%.1f" % r["total_mib"], "%.2f" % r["first_median"], "%.2f" % r["first_max"],
              "%d/%d" % (r["ended"], r["count"])] for r in results]
@@ -169,13 +199,19 @@ def main():
     summary, left = [], []
     for count in sorted({r["count"] for r in results}):
         by = {r["mode"]: r for r in results if r["count"] == count}
+        wins = sum(1 for a, b in zip(by["direct"]["medians"], by["driver"]["medians"]) if a <= b)
         summary.append("%d scripts: tree RSS %.1f vs %.1f MiB (%.2fx), first metrics %.2f vs"
-                       " %.2f s" % (count, by["direct"]["tree_mib"], by["driver"]["tree_mib"],
-                                    by["direct"]["tree_mib"] / by["driver"]["tree_mib"],
-                                    by["direct"]["first_median"], by["driver"]["first_median"]))
-        left += by["direct"]["left"] + by["driver"]["left"]
-    print("\nSUMMARY lean (direct vs driver): %s%s" % (
-        "; ".join(summary), "; children left behind: %s" % left if left else ""))
+                       " %.2f s (direct no slower in %d of %d repeats; kept modules %.2f s)"
+                       % (count, by["direct"]["tree_mib"], by["driver"]["tree_mib"],
+                          by["direct"]["tree_mib"] / by["driver"]["tree_mib"],
+                          by["direct"]["first_median"], by["driver"]["first_median"], wins,
+                          len(by["direct"]["medians"]), by["kept"]["first_median"]))
+        if by["kept"]["compiled"]:
+            summary.append("%d scripts: the kept run compiled %d times (expected none)"
+                           % (count, by["kept"]["compiled"]))
+        left += by["direct"]["left"] + by["driver"]["left"] + by["kept"]["left"]
+    print("\nSUMMARY lean (direct vs driver, medians of %d repeats): %s%s" % (
+        args.repeat, "; ".join(summary), "; children left behind: %s" % left if left else ""))
     return 0 if not left else 1
 
 

@@ -153,25 +153,40 @@ class ChildRun:
                     raise error
             env = dict(os.environ)
             env["TMPDIR"] = self.workdir  # stap's own temporary files go there too
-            self.proc = self._os.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, cwd=self.workdir, env=env,
-                                    close_fds=True, start_new_session=True,
-                                    preexec_fn=_child_setup_for(os.getpid()))
-            self.spawned_at = self._os.clock()
+            self.proc, out, err = self._popen(argv, env)
         except (OSError, trust.Untrusted):
             self.remove_workdir()
             raise
-        self._pumps = [gevent.spawn(self._pump, self.proc.stderr, True),
-                       gevent.spawn(self._pump, self.proc.stdout, False)]
+        self.spawned_at = self._os.clock()
+        self._pumps = [gevent.spawn(self._pump, err, True), gevent.spawn(self._pump, out, False)]
 
-    def _pump(self, stream, is_stderr: bool) -> None:
+    def _popen(self, argv: List[str], env: dict):
+        """(process, stdout, stderr): the child forked on pipes of our own
+        (raw descriptors, which cost less to set up than Popen's file
+        objects; the child gets the write ends)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = self._os.popen(argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                  cwd=self.workdir, env=env, close_fds=True,
+                                  start_new_session=True,
+                                  preexec_fn=_child_setup_for(os.getpid()))
+        except BaseException:
+            for fd in (out_r, err_r):
+                trust.close_now(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w):
+                trust.close_now(fd)
+        return proc, out_r, err_r
+
+    def _pump(self, fd: int, is_stderr: bool) -> None:
         """Log a child's output line by line; keep stderr's tail.  Reads the
         pipe in chunks, cooperatively, and yields between chunks, so neither
         a chatty child (never blocked on a full pipe) nor its output (never
         hogging the hub) holds anything up.  Stdout is only split into lines
         when debug logging will show it."""
         pid = self.pid
-        fd = stream.fileno()
         gevent.os.make_nonblocking(fd)
         pending = b""
         try:
@@ -194,10 +209,7 @@ class ChildRun:
         except OSError:
             return
         finally:
-            try:
-                stream.close()
-            except OSError:
-                pass
+            trust.close_now(fd)
 
     def _log_output_line(self, line: bytes, is_stderr: bool, pid) -> None:
         text = escape_line(line.decode("utf-8", "replace").rstrip("\r"))

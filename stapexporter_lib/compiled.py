@@ -123,13 +123,11 @@ class ModuleCache:
         material = [self._identity, script_digest] + ([module] if suffix == ".ko" else [])
         return digest("\0".join(material).encode("utf-8", "surrogateescape")) + suffix
 
-    def lookup(self, names: List[str]) -> Optional[str]:
-        """The first of NAMES that is a usable entry (marked as used now)."""
+    def find(self, names: List[str]) -> Optional[str]:
+        """The first of NAMES that is a usable entry (marked as used now).
+        Blocking file calls: call it in the thread pool."""
         if not self.enabled:
             return None
-        return _in_pool(self._lookup, names)
-
-    def _lookup(self, names: List[str]) -> Optional[str]:
         for name in names:
             try:
                 st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)

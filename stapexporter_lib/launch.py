@@ -96,25 +96,29 @@ class Launch:
         self._compiled: Optional[Tuple[str, str]] = None  # (workdir, suffix) to load
         self._annotator: Optional[Annotator] = None
         self._driver_reason: Optional[str] = None  # why this script now runs the driver way
+        self._found: Optional[str] = None   # the cache entry read_script found for this start
 
     def read_script(self) -> Optional[Annotator]:
-        """Read the script file (in the thread pool); returns its declarations'
-        annotator, None when it declares nothing or cannot be read.  Not
-        read again for the loader after a compile: it runs what was read."""
+        """Read the script file and look its module up in the cache (one
+        trip to the thread pool); returns its declarations' annotator, None
+        when it declares nothing or cannot be read.  Not read again for the
+        loader after a compile: it runs what was read."""
         if self._compiled is not None:
             return self._annotator
+        look_up = self._may_load_kept()
 
         def read():
             with open(self.script.path, "rb") as f:
-                return f.read(MAX_SCRIPT_BYTES)
+                content = f.read(MAX_SCRIPT_BYTES)
+            script_digest = compiled.digest(content)
+            return content, script_digest, (self._find(script_digest) if look_up else None)
         try:
-            content = gevent.get_hub().threadpool.apply(read)
+            content, self.digest, self._found = gevent.get_hub().threadpool.apply(read)
         except OSError as exc:
             log.warning("declarations: script=%s cannot read the script: %s", self.script.name,
                         exc.strerror)
-            self.digest = self._annotator = None
+            self.digest = self._annotator = self._found = None
             return None
-        self.digest = compiled.digest(content)
         annotator = Annotator(parse_declarations(content.decode("utf-8", "replace")))
         self._annotator = annotator if annotator else None
         return self._annotator
@@ -141,7 +145,7 @@ class Launch:
                 return Step(DRIVER, self._driver().argv, workdir=workdir, continues=True)
             return Step(LOAD, plan.loader_argv(suffix, module + suffix), workdir=workdir,
                         continues=True)
-        kept = self._lookup()
+        kept, self._found = self._found, None
         if kept is not None and not plan.loader_refusal(os.path.splitext(kept)[1]):
             suffix = os.path.splitext(kept)[1]
             self.from_cache, self._kept = True, kept
@@ -166,12 +170,17 @@ class Launch:
     def _driver(self) -> Step:
         return Step(DRIVER, list(self.stap) + ["-m", self.script.module, self.script.path])
 
-    def _lookup(self) -> Optional[str]:
-        if self.digest is None:
-            return None
+    def _may_load_kept(self) -> bool:
+        """The next step may load a kept module (``next_step``'s conditions)."""
+        plan = self.direct.plan if self.direct else None
+        return (plan is not None and not plan.driver_reason and self._driver_reason is None
+                and not self.script.is_executable())
+
+    def _find(self, script_digest: str) -> Optional[str]:
+        """The kept module for SCRIPT_DIGEST (called in the thread pool)."""
         cache = self.direct.cache
-        return cache.lookup([cache.key(self.digest, suffix, self.script.module)
-                             for suffix in loaders.LOADERS])
+        return cache.find([cache.key(script_digest, suffix, self.script.module)
+                           for suffix in loaders.LOADERS])
 
     def compiled_pending(self) -> bool:
         """A compile of the start under way has left a module to load."""
