@@ -19,23 +19,20 @@ import time
 from typing import List, NamedTuple, Optional, Sequence
 from urllib.parse import quote
 
+from .logs import ESCAPES
+
 _KIB = 1024.0
 _MINUTE = 60
 _HOUR = 3600
 _DAY = 86400
-
-# C0 controls, DEL, C1 controls, and the Unicode line and paragraph
-# separators (which some terminals and editors treat as line breaks).
-_TERMINAL_ESCAPES = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
-_TERMINAL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def terminal_safe(text: str, keep_newlines: bool = False) -> str:
     """TEXT with every control character written as a visible escape (but
     line feeds kept with KEEP_NEWLINES, for multi-line messages)."""
     if keep_newlines:
-        return "\n".join(line.translate(_TERMINAL_ESCAPES) for line in text.split("\n"))
-    return text.translate(_TERMINAL_ESCAPES)
+        return "\n".join(line.translate(ESCAPES) for line in text.split("\n"))
+    return text.translate(ESCAPES)
 
 
 class ScriptRow(NamedTuple):

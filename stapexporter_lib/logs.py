@@ -31,12 +31,18 @@ from typing import List, Optional, Tuple
 
 log = logging.getLogger("stap-exporter")
 
-# Characters a terminal or a line-based log reader acts on.
+# Characters a terminal or a line-based log reader acts on: C0, DEL and C1
+# controls, the Unicode line and paragraph separators (line breaks to some
+# readers), and the bidirectional controls that reorder what a reader sees
+# without changing the bytes ("Trojan Source", CVE-2021-42574): a script's
+# name or output must not make one line look like another.
 _CONTROLS = list(range(0x20)) + [0x7f] + list(range(0x80, 0xa0))
-_ESCAPES = {c: "\\x%02x" % c for c in _CONTROLS}
-_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+_UNICODE_CONTROLS = [0x2028, 0x2029, 0x061c, 0x200e, 0x200f] + list(range(0x202a, 0x202f)) \
+    + list(range(0x2066, 0x206a))
+ESCAPES = {c: "\\x%02x" % c for c in _CONTROLS}
+ESCAPES.update({c: "\\u%04x" % c for c in _UNICODE_CONTROLS})
 # Inside a quoted logfmt value, also the quote and the escape character.
-_QUOTE_ESCAPES = dict(_ESCAPES)
+_QUOTE_ESCAPES = dict(ESCAPES)
 _QUOTE_ESCAPES.update({ord("\\"): "\\\\", ord('"'): '\\"'})
 _BARE_VALUE_RE = re.compile(r'^[^\s="\\]+$')
 
@@ -55,16 +61,16 @@ THROTTLE_INTERVAL = 10.0
 
 
 def escape_line(text: str) -> str:
-    """TEXT with control characters (C0, DEL, C1) and the Unicode line and
-    paragraph separators as escapes, so it is one line that cannot forge log
-    lines or drive a terminal."""
-    return text.translate(_ESCAPES)
+    """TEXT with control characters (C0, DEL, C1), the Unicode line and
+    paragraph separators and the bidirectional controls as escapes, so it is
+    one line that cannot forge log lines, drive a terminal or reorder text."""
+    return text.translate(ESCAPES)
 
 
 def quote(value: str) -> str:
     """VALUE as a logfmt value: bare when that is unambiguous, else quoted
     with ``\\\\``, ``\\"`` and control characters escaped."""
-    if _BARE_VALUE_RE.match(value) and value.translate(_ESCAPES) == value:
+    if _BARE_VALUE_RE.match(value) and value.translate(ESCAPES) == value:
         return value
     return '"%s"' % value.translate(_QUOTE_ESCAPES)
 

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import (Exporter, pid_alive, processes_matching,
                       wait_for, write_script)
+from stapexporter_lib.states import ALL_STATES
 
 HOST = "127.0.0.1"
 
@@ -138,14 +139,12 @@ def assert_clean_log(exp):
     assert "appears to be blocked" not in text
 
 
-STATES = ("stopped", "starting", "running", "stopping", "backoff", "failed")
-
 
 def index_rows(exp):
     rows = {}
     for line in exp.get("/").text.splitlines()[1:]:
         cols = line.split()
-        if line.startswith(" ") or len(cols) < 5 or cols[1] not in STATES:
+        if line.startswith(" ") or len(cols) < 5 or cols[1] not in ALL_STATES:
             continue  # header, error line, stderr excerpts
         rows[cols[0]] = {"state": cols[1], "pid": cols[2], "starts": cols[4]}
     return rows

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import write_script
-from stapexporter_lib import indexpage
+from stapexporter_lib import indexpage, logs
 
 ESC_NAME = "\x1b]0;OWNED\x07x.stp"
 # What a hostile script prints on stderr: ESC, BEL, CSI as C1 (U+009B), NEL
@@ -44,6 +44,15 @@ def hostile_scripts(scripts):
     with open(path, "a") as f:  # fakestap prints these bytes on stderr at start
         f.write("# fake: stderr_hex=%s\n" % HOSTILE_STDERR.encode("utf-8").hex())
     write_script(scripts, "quick.stp")
+
+
+def test_terminal_safe_escapes_bidirectional_controls():
+    """A name cannot reorder what a reader sees ("Trojan Source")."""
+    bidi = "\u061c\u200e\u200f" + "".join(map(chr, range(0x202a, 0x202f))) \
+        + "".join(map(chr, range(0x2066, 0x206a)))
+    escaped = indexpage.terminal_safe("evil" + bidi + "txt.stp")
+    assert escaped == "evil" + "".join("\\u%04x" % ord(c) for c in bidi) + "txt.stp"
+    assert logs.escape_line(bidi) == escaped[4:-7]
 
 
 def test_text_index_escapes_every_control_character(dirs, exporter_factory):

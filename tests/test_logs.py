@@ -1,6 +1,6 @@
 """Log lines cannot be forged (issue 14 point 9): the structure of a line
 comes from the code, user-controlled text is quoted, and C0/C1 controls and
-U+2028/U+2029 are escaped.  End to end against the daemon, then the
+U+2028/U+2029 and the bidirectional controls are escaped.  End to end against the daemon, then the
 formatters in-process."""
 
 import io
@@ -50,14 +50,14 @@ def _attack(exp):
 @pytest.mark.parametrize("fmt", ["logfmt", "json"])
 def test_client_and_script_text_cannot_forge_log_fields(dirs, exporter_factory, fmt):
     scripts, _ = dirs
-    write_script(scripts, "talk.stp", "stderr=\x1b[2Jlevel=error_event=forged_\u009b")
+    write_script(scripts, "talk.stp", "stderr=\x1b[2Jlevel=error_event=forged_\u009b\u202e")
     exp = exporter_factory(["--log-format", fmt])
     _attack(exp)
     bad_header = exp.wait_log(r"Invalid header line")
     c1_access = exp.wait_log(r"GET /a.*b.*c\.stp")
     stderr = exp.wait_log(r"event.*stderr.*forged")
     text = exp.log_text()
-    for raw in ("\x1b", "\x85", "\x9b", "\u2028"):
+    for raw in ("\x1b", "\x85", "\x9b", "\u2028", "\u202e"):
         assert raw not in text, "raw %r in the log" % raw
     if fmt == "json":
         obj = json.loads(bad_header)
