@@ -196,10 +196,12 @@ def _read_file_in_thread(path, fd, deadline, max_bytes, clock) -> bytes:
 # Pause between attempts when a FIFO reader saw end-of-file with no data: it
 # opened between two of stapbpf's write cycles, or the script has nothing to
 # say yet (a timer script's arrays stay empty until the timer first fires).
-# A cycle costs the loader little, and the wait is bounded by the deadline
-# and shared by concurrent requests (single-flight).
+# The pause doubles up to 0.1 s: while a reader holds the FIFO open, stapbpf
+# with nothing to write reopens it in a tight loop, so frequent empty reads
+# cost the loaders CPU (measured: with a 25 ms cap, 20 timer scripts loaded at
+# once got their first metrics about 0.2 s later).
 _EMPTY_RETRY_PAUSE = 0.005
-_EMPTY_RETRY_PAUSE_MAX = 0.025
+_EMPTY_RETRY_PAUSE_MAX = 0.1
 
 
 def _read_fifo(location, fd, deadline, max_bytes, clock) -> bytes:
