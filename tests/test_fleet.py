@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, Exporter, stop_and_check, wait_for, write_script
-from test_peers import free_port, need
+from test_peers import free_port, need, query, start_prometheus
 from test_webconfig_e2e import https_get, tls_files, write_config  # noqa: F401 (fixture)
 
 PCP_URLS = os.path.join(ROOT, "tools", "stap-exporter-pcp-urls")
@@ -212,29 +212,6 @@ def test_pcp_helper_fails_in_one_line(tmp_path):
 # -- a real Prometheus, one job over three hosts -------------------------------------
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-
-
-def start_prometheus(tmp_path, config):
-    prometheus = need("prometheus")
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps(config))  # JSON is YAML
-    port = free_port()
-    log = open(str(tmp_path / "prometheus.log"), "wb")
-    proc = subprocess.Popen([prometheus, "--config.file=%s" % cfg,
-                             "--storage.tsdb.path=%s" % (tmp_path / "data"),
-                             "--web.listen-address=127.0.0.1:%d" % port],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.close()
-    return proc, "http://127.0.0.1:%d/api/v1/query?query=" % port
-
-
-def query(api, q):
-    try:
-        with urllib.request.urlopen(api + urllib.parse.quote(q), timeout=5) as r:
-            data = json.loads(r.read())
-    except OSError:
-        return []
-    return data["data"]["result"] if data.get("status") == "success" else []
 
 
 def up_targets(api):

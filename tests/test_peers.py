@@ -83,6 +83,31 @@ def get(url, timeout=5):
         return r.read()
 
 
+def start_prometheus(tmp_path, config):
+    """A real Prometheus on a free loopback port scraping as CONFIG (a dict)
+    says, its data and log under TMP_PATH: (process, query URL prefix)."""
+    prometheus = need("prometheus")
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    with open(str(tmp_path / "prometheus.log"), "wb") as log:
+        proc = subprocess.Popen([prometheus, "--config.file=%s" % cfg,
+                                 "--storage.tsdb.path=%s" % (tmp_path / "data"),
+                                 "--web.listen-address=127.0.0.1:%d" % port],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc, "http://127.0.0.1:%d/api/v1/query?query=" % port
+
+
+def query(api, q):
+    """The result vector of the PromQL query Q ([] while Prometheus cannot
+    answer yet)."""
+    try:
+        data = json.loads(get(api + urllib.parse.quote(q)))
+    except OSError:
+        return []
+    return data["data"]["result"] if data.get("status") == "success" else []
+
+
 def test_promtool_accepts_self_metrics_and_typed_output(peer_exporter):
     promtool = need("promtool")
     exp = peer_exporter
@@ -115,7 +140,6 @@ def test_promtool_accepts_bundled_bpf_examples(tmp_path, rs):
 
 
 def test_prometheus_scrapes_the_exporter(peer_exporter, tmp_path):
-    prometheus = need("prometheus")
     exp = peer_exporter
     target = "127.0.0.1:%d" % exp.port
     jobs = [("fake", "/fake.stp"), ("self", "/metrics")]
@@ -125,44 +149,28 @@ def test_prometheus_scrapes_the_exporter(peer_exporter, tmp_path):
               "scrape_configs": [{"job_name": job, "metrics_path": path,
                                   "static_configs": [{"targets": [target]}]}
                                  for job, path in jobs]}
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps(config))  # JSON is YAML
-    port = free_port()
-    log = open(str(tmp_path / "prometheus.log"), "wb")
-    prom = subprocess.Popen([prometheus, "--config.file=%s" % cfg,
-                             "--storage.tsdb.path=%s" % (tmp_path / "data"),
-                             "--web.listen-address=127.0.0.1:%d" % port],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    api = "http://127.0.0.1:%d/api/v1/query?query=" % port
-
-    def query(q):
-        try:
-            data = json.loads(get(api + urllib.parse.quote(q)))
-        except OSError:
-            return []
-        return data["data"]["result"] if data.get("status") == "success" else []
+    prom, api = start_prometheus(tmp_path, config)
     try:
         def all_up():
-            up = {r["metric"]["job"]: r["value"][1] for r in query("up")}
+            up = {r["metric"]["job"]: r["value"][1] for r in query(api, "up")}
             return up if len(up) == len(jobs) and set(up.values()) == {"1"} else None
         wait_for(all_up, timeout=60, interval=0.5, message="every target up == 1")
-        first = wait_for(lambda: query("fake_reads_total"), timeout=20, interval=0.5)
+        first = wait_for(lambda: query(api, "fake_reads_total"), timeout=20, interval=0.5)
         assert first[0]["metric"]["script"] == "fake.stp"
         assert first[0]["metric"]["job"] == "fake"
         v0 = float(first[0]["value"][1])
-        wait_for(lambda: float(query("fake_reads_total")[0]["value"][1]) > v0, timeout=20,
+        wait_for(lambda: float(query(api, "fake_reads_total")[0]["value"][1]) > v0, timeout=20,
                  interval=0.5, message="fake_reads_total to increase in Prometheus")
-        assert query('stap_exporter_script_up{script="fake.stp"}')[0]["value"][1] == "1"
+        assert query(api, 'stap_exporter_script_up{script="fake.stp"}')[0]["value"][1] == "1"
         if exp.real:
-            ticks = wait_for(lambda: query("ticks_total"), timeout=30, interval=0.5)
+            ticks = wait_for(lambda: query(api, "ticks_total"), timeout=30, interval=0.5)
             assert "cpu" in ticks[0]["metric"]
             t0 = float(ticks[0]["value"][1])
-            wait_for(lambda: float(query("ticks_total")[0]["value"][1]) > t0, timeout=20,
+            wait_for(lambda: float(query(api, "ticks_total")[0]["value"][1]) > t0, timeout=20,
                      interval=0.5, message="real ticks_total to increase in Prometheus")
     finally:
         prom.terminate()
         prom.wait(20)
-        log.close()
 
 
 PMDA_DIR = "/var/lib/pcp/pmdas/openmetrics"
