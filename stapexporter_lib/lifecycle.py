@@ -117,6 +117,7 @@ class Lifecycle(ScriptState):
         self.exits = collections.Counter()  # outcome -> count
         self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.last_request = clock()
+        self.requests_in_flight = 0  # scrapes under way: the script is not idle meanwhile
         self._backoff = Backoff()
         self._stop_requested = False
         self._launch = Launch(script, config.stap, config.direct_load)
@@ -270,7 +271,8 @@ class Lifecycle(ScriptState):
                 return "stop"
             timeout = None
             if keepalive is not None and not self.script.autostart:
-                timeout = self.last_request + keepalive - self.clock()
+                timeout = keepalive if self.requests_in_flight else \
+                    self.last_request + keepalive - self.clock()
                 if timeout <= 0:
                     return "idle"
             if self.state in OUTPUT_PENDING_STATES:

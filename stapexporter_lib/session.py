@@ -82,8 +82,18 @@ class Session(Lifecycle):
     def scrape(self, timeout: float) -> Outcome:
         """Answer one request: start the script if needed, and read its output
         if it is readable within the deadline (a starting script gets at most
-        ``start_wait`` seconds)."""
+        ``start_wait`` seconds).  While it waits, the script is not idle (a
+        start may take longer than --keepalive); idle time counts from the
+        end of the last request."""
         self.touch()
+        self.requests_in_flight += 1
+        try:
+            return self._scrape(timeout)
+        finally:
+            self.requests_in_flight -= 1
+            self.touch()
+
+    def _scrape(self, timeout: float) -> Outcome:
         if self.state in STARTABLE_STATES and self._run is None:
             refusal = self.script_refusal()  # an idle session turns REFUSED or back
             if refusal:
@@ -146,7 +156,7 @@ class Session(Lifecycle):
                     return Outcome(Outcome.OK, body=data)
             if not self.serving:
                 # It exited (or is being stopped) while we waited.
-                return self.scrape(timeout) if self.state != STOPPED else self._not_ready()
+                return self._scrape(timeout) if self.state != STOPPED else self._not_ready()
             remaining = deadline - self.clock()
             if remaining <= 0:
                 if self.state == STARTING:

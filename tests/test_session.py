@@ -227,6 +227,26 @@ def test_keepalive_stops_a_script_idle_for_the_period_and_requests_reset_it(worl
     assert s.exits["stopped"] == 1 and s.pid is None and not s.live
 
 
+def test_a_request_waiting_for_a_slow_start_keeps_the_script_from_idling(world):
+    """A start longer than the keepalive: the request waiting for it is not
+    idleness (the script used to be stopped under it, before its first
+    output); idle time counts from the end of the last request."""
+    make, vt, fake, procfs_dir = world
+    s = make(keepalive=1, start_wait=3)
+    scrape = gevent.spawn(s.scrape, 5)
+    proc = spawned(fake, 1)
+    vt.advance(2.5)
+    assert s.state == "starting" and not fake.signals and not scrape.ready()
+    write_output(procfs_dir, s)
+    vt.advance(0.1)
+    assert scrape.get(timeout=SETTLE).kind == Outcome.OK
+    vt.advance(0.9)
+    assert s.state == "running" and not fake.signals
+    vt.advance(1.0)
+    settle(lambda: s.state == "stopped", "keepalive stop after the request")
+    assert fake.signals[0] == (proc.pid, signal.SIGTERM)
+
+
 @pytest.mark.parametrize("name,keepalive", [("a.stp", None), ("x-autostart.stp", 1)])
 def test_without_keepalive_or_for_autostart_scripts_nothing_stops(world, name, keepalive):
     make, vt, fake, _ = world
