@@ -25,6 +25,7 @@ from . import __version__, discovery, indexpage, proccost
 from .catalog import valid_name
 from .indexpage import terminal_safe
 from .logs import escape_line
+from .offhub import in_pool
 from .session import Outcome, Session
 from .basicauth import AUTH_BUSY, AUTH_OK, CHALLENGE
 
@@ -258,7 +259,7 @@ class App:
         excluded).  Names that are not UTF-8 cannot appear in a scrape URL."""
         catalog = self.manager.catalog
         try:
-            listing = gevent.get_hub().threadpool.apply(os.listdir, (catalog.directory,))
+            listing = in_pool(os.listdir, catalog.directory)
         except OSError:
             return catalog.names()
         names = []

@@ -33,6 +33,7 @@ from gevent import subprocess
 from . import naming, procfs, trust
 from .catalog import Script
 from .logs import escape_line
+from .offhub import in_pool
 
 log = logging.getLogger("stap-exporter")
 
@@ -148,9 +149,7 @@ class ChildRun:
             self.workdir = workdir or tempfile.mkdtemp(
                 prefix=naming.workdir_prefix(os.getpid(), self.module), dir=workdir_root)
             if prepare is not None:
-                error = gevent.get_hub().threadpool.apply(_call, (prepare, self.workdir))
-                if error is not None:
-                    raise error
+                in_pool(prepare, self.workdir)
             env = dict(os.environ)
             env["TMPDIR"] = self.workdir  # stap's own temporary files go there too
             self.proc, out, err = self._popen(argv, env)
@@ -294,16 +293,6 @@ class ChildRun:
             self.workdir = None
 
 
-def _call(func: Callable[[str], None], arg: str) -> Optional[Exception]:
-    """FUNC(ARG) for the thread pool, which prints what a task raises: the
-    exception is handed back instead."""
-    try:
-        func(arg)
-    except Exception as exc:  # noqa: BLE001 -- handed back to the caller
-        return exc
-    return None
-
-
 def stop_budget(grace: float) -> float:
     """The longest a stop can take: SIGTERM grace and the SIGKILL wait for
     the leader, the pumps' drain, then the grace again for what is left of
@@ -326,9 +315,7 @@ def rmtree(path: str) -> bool:
     foreign removed, any depth); True if PATH was removed.  Errors are logged,
     never raised: clean-up must not end a watchdog."""
     try:
-        error = gevent.get_hub().threadpool.apply(trust.try_remove_tree, (path,))
-        if error is not None:
-            raise error
+        in_pool(trust.remove_tree, path)
         return True
     except FileNotFoundError:
         pass

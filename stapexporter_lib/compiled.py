@@ -42,10 +42,10 @@ import tempfile
 import time
 from typing import List, Optional, Set
 
-import gevent
 from gevent import subprocess
 
 from . import naming, trust
+from .offhub import in_pool
 from .logs import escape_line
 
 log = logging.getLogger("stap-exporter")
@@ -99,7 +99,7 @@ class ModuleCache:
         self._identity = json.dumps([version or "unknown:%d" % os.getpid(),
                                      os.uname().release, self.stap])
         try:
-            self._fd = _in_pool(_open_cache_dir, self.directory)
+            self._fd = in_pool(_open_cache_dir, self.directory)
             self.persistent = True
             log.info("cache: dir=%s compiled modules are kept across restarts",
                      escape_line(self.directory))
@@ -163,7 +163,7 @@ class ModuleCache:
         if not self.enabled:
             return False
         try:
-            _in_pool(self._store, workdir, source, name)
+            in_pool(self._store, workdir, source, name)
         except (OSError, trust.Untrusted) as exc:
             log.warning("cache: cannot keep %s: %s", escape_line(source), escape_line(str(exc)))
             return False
@@ -217,7 +217,7 @@ class ModuleCache:
 
     def drop(self, name: str) -> None:
         if self.enabled:
-            _in_pool(_unlink, self._fd, name)
+            in_pool(_unlink, self._fd, name)
 
     def where(self) -> str:
         return self._private or self.directory or ""
@@ -302,16 +302,3 @@ def _unlink(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
-
-
-def _in_pool(func, *args):
-    """FUNC(*ARGS) in the hub's thread pool; its exception is raised here."""
-    def call():
-        try:
-            return False, func(*args)
-        except Exception as exc:  # noqa: BLE001 -- handed back to the caller
-            return True, exc
-    failed, value = gevent.get_hub().threadpool.apply(call)
-    if failed:
-        raise value
-    return value

@@ -30,6 +30,7 @@ from .catalog import Script
 from .child import ChildRun, rmtree
 from .declarations import Annotator, parse_declarations
 from .logs import escape_line
+from .offhub import in_pool
 
 log = logging.getLogger("stap-exporter")
 
@@ -113,7 +114,7 @@ class Launch:
             script_digest = compiled.digest(content)
             return content, script_digest, (self._find(script_digest) if look_up else None)
         try:
-            content, self.digest, self._found = gevent.get_hub().threadpool.apply(read)
+            content, self.digest, self._found = in_pool(read)
         except OSError as exc:
             log.warning("declarations: script=%s cannot read the script: %s", self.script.name,
                         exc.strerror)

@@ -39,6 +39,7 @@ from typing import Iterable, List, Optional
 import gevent
 
 from . import trust
+from .offhub import in_pool
 from .naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned, owner_pid
 
 log = logging.getLogger("stap-exporter")
@@ -270,9 +271,7 @@ def _remove(path: str) -> int:
     """trust.remove_tree in the thread pool; 1 if PATH was removed."""
     shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     try:
-        error = gevent.get_hub().threadpool.apply(trust.try_remove_tree, (path,))
-        if error is not None:
-            raise error
+        in_pool(trust.remove_tree, path)
     except FileNotFoundError:
         return 0
     except trust.Untrusted as exc:

@@ -19,8 +19,9 @@ import os
 import time
 from typing import Dict, Iterable, NamedTuple, Optional
 
-import gevent
 import gevent.event
+
+from .offhub import in_pool
 
 DEFAULT_PROC = "/proc"
 
@@ -133,7 +134,7 @@ def measure(pgids: Iterable[int], proc: str = DEFAULT_PROC,
     _last.clear()  # only the newest set of groups is worth keeping
     _last[key] = (now, flight)
     try:
-        result = gevent.get_hub().threadpool.apply(group_costs, (list(key[1]), proc))
+        result = in_pool(group_costs, list(key[1]), proc)
     except BaseException as exc:
         _last.pop(key, None)
         flight.set_exception(exc)

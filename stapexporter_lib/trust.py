@@ -296,16 +296,6 @@ def remove_tree(path: str, limit: int = MAX_REMOVE_OPERATIONS) -> None:
         close_now(parent_fd)
 
 
-def try_remove_tree(path: str) -> Optional[Exception]:
-    """remove_tree, returning its exception instead of raising it: for the
-    hub's thread pool, which prints every exception a task raises."""
-    try:
-        remove_tree(path)
-    except Exception as exc:  # noqa: BLE001 -- handed back to the caller
-        return exc
-    return None
-
-
 def _open_owned_dir(dir_fd: int, name: str, path: str) -> Tuple[int, Tuple[int, int]]:
     fd = _open_component(dir_fd, name, path, _DIR_FLAGS)
     st = os.fstat(fd)
