@@ -111,7 +111,8 @@ def _child_setup_for(parent_pid: int) -> Callable[[], None]:
 class ChildRun:
     """One process of one script, from spawn to reaping."""
 
-    def __init__(self, script: Script, stderr_tail: Deque[str], seams: Seams, kind: str = ""):
+    def __init__(self, script: Script, stderr_tail: Deque[str], seams: Seams, kind: str = "",
+                 chained: bool = False):
         self.name = script.name
         self.module = script.module
         self.stderr_tail = stderr_tail  # the session's: stderr lines are added to it
@@ -119,6 +120,7 @@ class ChildRun:
         self.proc = None
         self.workdir: Optional[str] = None
         self.kind = kind  # launch's name for what this run is (compile, load...)
+        self.chained = chained  # a compile whose shell becomes the loader (loaders.py)
         self.spawned_at = 0.0  # the seams' clock() when the process was forked
         self.watch = None  # a dirwatch.Watch on the working directory (a compile's)
         self._pumps: List[gevent.Greenlet] = []
@@ -239,6 +241,16 @@ class ChildRun:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def become(self, kind: str) -> None:
+        """A chained compile's module is complete: SIGURG tells its shell to
+        stop the compiler and exec the loader (``loaders.CHAIN_SCRIPT``).
+        From now on the run is KIND's, spawned now, with no watch."""
+        self._close_watch()
+        self.kind = kind
+        self.chained = False
+        self.spawned_at = self._os.clock()
+        self.signal_leader(signal.SIGURG)
+
     def terminate(self, grace: float) -> None:
         """SIGTERM the group leader, and SIGKILL the group if the leader is
         still there after GRACE seconds; returns once it exited (or KILL_WAIT
@@ -271,17 +283,13 @@ class ChildRun:
                     self.name, self.pid)
         self.signal_group(signal.SIGKILL)
 
-    def reap_killed(self) -> None:
-        """After a SIGKILL to the group: wait for the leader's exit, drain the
-        output pumps and remove the working directory (if not handed over)."""
-        self._os.wait([self.result], KILL_WAIT)
-        self._join_pumps()
-        self.remove_workdir()
-
-    def _join_pumps(self) -> None:
-        if self.watch is not None:  # nothing is waited for any more
+    def _close_watch(self) -> None:
+        if self.watch is not None:
             self.watch.close()
             self.watch = None
+
+    def _join_pumps(self) -> None:
+        self._close_watch()  # nothing is waited for any more
         gevent.joinall(self._pumps, timeout=PUMP_JOIN)
         for g in self._pumps:
             g.kill(block=False)

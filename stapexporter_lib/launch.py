@@ -43,8 +43,6 @@ DRIVER = "driver"     # STAP -m MODULE FILE
 COMPILE = "compile"   # STAP -p4 -m MODULE FILE
 LOAD = "load"         # the loader alone, on the compiled module
 
-# The compiled module whose completion ends a compile early (compiled_early).
-EARLY_SUFFIX = ".bo"
 
 
 @dataclasses.dataclass
@@ -65,6 +63,8 @@ class Step:
     workdir: Optional[str] = None     # an existing working directory to run in
     prepare: Optional[Callable[[str], None]] = None  # fills a new one (thread pool)
     continues: bool = False           # the start is already under way
+    chained: bool = False             # a compile that becomes the loader (loaders.CHAIN_SCRIPT)
+    shown: Optional[List[str]] = None  # what the log says it runs, if not ARGV
 
     def discard(self) -> None:
         """The step will not run: remove the working directory it was given."""
@@ -75,10 +75,11 @@ class Step:
     def log_spawn(self, script: Script, pid: int) -> None:
         """One line per process: "compiling" for a compile, "spawned" for the
         process that runs the script."""
-        argv = escape_line(" ".join(self.argv))
+        argv = escape_line(" ".join(self.shown or self.argv))
         if self.kind == COMPILE:
-            log.info("compiling: script=%s pid=%d module=%s argv=%s", script.name, pid,
-                     script.module, argv)
+            log.info("compiling: script=%s pid=%d module=%s argv=%s%s", script.name, pid,
+                     script.module, argv, " (then the loader, in the same process)"
+                     if self.chained else "")
         else:
             log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", script.name, pid,
                      script.module, self.kind, argv)
@@ -153,7 +154,11 @@ class Launch:
             cache = self.direct.cache
             return Step(LOAD, plan.loader_argv(suffix, module + suffix),
                         prepare=lambda workdir: cache.place(kept, workdir, module + suffix))
-        return Step(COMPILE, plan.compile_argv(module, self.script.path))
+        argv = plan.compile_argv(module, self.script.path)
+        # Without a watch on its directory, the chained compile just exits
+        # with the compiler's status, and the loader is spawned as after any.
+        chained = plan.chained_argv(module, self.script.path)
+        return Step(COMPILE, chained or argv, chained=bool(chained), shown=argv)
 
     def fall_back_to_driver(self, run: ChildRun) -> bool:
         """RUN, the loader alone on a module just compiled, exited before any
@@ -188,31 +193,48 @@ class Launch:
         return self._compiled is not None
 
     def watch_compile(self, run: ChildRun) -> Optional[dirwatch.Watch]:
-        """For a compile RUN just spawned: a watch on its working directory,
-        to know the moment its module is complete (``compiled_early``)."""
-        return dirwatch.shared().watch(run.workdir) if run.kind == COMPILE else None
+        """For a chained compile RUN just spawned: a watch on its working
+        directory, to know the moment its module is complete
+        (``compiled_early``)."""
+        return dirwatch.shared().watch(run.workdir) if run.chained else None
 
     def compiled_early(self, run: ChildRun, watch: Optional[dirwatch.Watch]) -> bool:
-        """True if RUN, a compile still running, has completed a BPF module
-        in its working directory (renamed into place, or written and
+        """True if RUN, a chained compile still running, has completed a BPF
+        module in its working directory (renamed into place, or written and
         closed: WATCH saw it).  That is stap's last act of its pass 4, after
         its own cache is updated: what is left of the compiler is removing
         its temporary directory (inside the working directory, which is
-        removed with the loader's run) and exiting, which the start need
-        not wait for.  Only BPF modules: a kernel module may be followed by
-        its signature (a compile server's ``.ko.sgn``)."""
-        if watch is None or run.kind != COMPILE or run.exited():
+        removed with the run) and exiting, which the start need not wait
+        for.  Only BPF modules: a kernel module may be followed by its
+        signature (a compile server's ``.ko.sgn``)."""
+        if watch is None or not run.chained or run.exited():
             return False
-        name = self.script.module + EARLY_SUFFIX
+        name = self.script.module + loaders.CHAINED_SUFFIX
         return watch.completed(name) and _regular_file(os.path.join(run.workdir, name))
 
-    def take_compiled(self, run: ChildRun, early: bool = False) -> bool:
-        """True if RUN was a compile that left a module: it exited with
-        status 0, or (EARLY) ``compiled_early`` said so before it was
-        stopped.  Its working directory is taken over for the loader's run
-        (spawned next).  A compile that failed, or left nothing, ends the
-        start like any failing run."""
-        if run.kind != COMPILE or (run.returncode != 0 and not early):
+    def load_in_place(self, run: ChildRun) -> None:
+        """RUN, a chained compile (``loaders.CHAIN_SCRIPT``), has completed
+        its module (``compiled_early``): keep the module in the cache and
+        tell the shell to become the loader.  RUN is the loader's run from
+        now on, in the same process (if the module went away meanwhile, the
+        loader fails and the script falls back to the driver, as after any
+        loader that fails)."""
+        self._compiled_in(run.workdir, chained=True)
+        suffix = loaders.CHAINED_SUFFIX
+        log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
+                 self.script.module)
+        log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.script.name, run.pid,
+                 self.script.module, LOAD, escape_line(" ".join(self.direct.plan.loader_argv(
+                     suffix, self.script.module + suffix))))
+        run.become(LOAD)
+
+    def take_compiled(self, run: ChildRun) -> bool:
+        """True if RUN was a compile that left a module and exited with
+        status 0 (a chained one not told to become the loader: without a
+        watch, or a kernel module).  Its working directory is taken over for
+        the loader's run (spawned next).  A compile that failed, or left
+        nothing, ends the start like any failing run."""
+        if run.kind != COMPILE or run.returncode != 0:
             return False
         if not self._compiled_in(run.workdir):
             run.stderr_tail.append("the compile left no module in its working directory")
@@ -222,13 +244,15 @@ class Launch:
         run.workdir = None  # handed over
         return True
 
-    def _compiled_in(self, workdir: str) -> bool:
+    def _compiled_in(self, workdir: str, chained: bool = False) -> bool:
         """Keep the module a compile left in WORKDIR in the cache, and load
-        it next.  False when it left none."""
-        for suffix in loaders.LOADERS:
+        it next (unless CHAINED: the compile's shell loads it).  False when
+        it left none."""
+        for suffix in [loaders.CHAINED_SUFFIX] if chained else loaders.LOADERS:
             source = self.script.module + suffix
             if _regular_file(os.path.join(workdir, source)):
-                self._compiled = (workdir, suffix)
+                if not chained:
+                    self._compiled = (workdir, suffix)
                 if self.digest is not None:
                     # Off the start's path: the loader is spawned meanwhile.
                     gevent.spawn(self._keep, workdir, source,

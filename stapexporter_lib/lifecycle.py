@@ -176,7 +176,7 @@ class Lifecycle(ScriptState):
                         directory)
         self._reader.annotator = self._launch.read_script()
         step = self._launch.next_step()
-        run = ChildRun(self.script, self.stderr_tail, self._os, step.kind)
+        run = ChildRun(self.script, self.stderr_tail, self._os, step.kind, step.chained)
         # Checked again right before the exec: the file is run by name.
         if not (loading and step.kind == LOAD) and self._refused_to_spawn():
             step.discard()
@@ -232,8 +232,8 @@ class Lifecycle(ScriptState):
                 event = self._wait_live()
                 if event == "exit":
                     self._handle_exit()
-                elif event == "compiled":
-                    self._finish_compile()
+                elif event == "compiled":  # its shell becomes the loader; still STARTING
+                    self._launch.load_in_place(self._run)
                 else:
                     self._terminate(event)
         except BaseException:
@@ -335,22 +335,6 @@ class Lifecycle(ScriptState):
             self._transition(BACKOFF)
         else:
             self._transition(FAILED)
-
-    def _finish_compile(self) -> None:
-        """The compile has completed its module (``Launch.compiled_early``):
-        what is left of it, its own clean-up and exit, is cut short
-        (SIGKILL) and reaped off the start's path, and the watchdog loads the
-        module next (still STARTING)."""
-        run = self._run
-        run.signal_group(signal.SIGKILL)
-        log.debug("compile: script=%s pid=%d module complete; compiler stopped", self.name,
-                  run.pid)
-        self._run = None
-        if not self._launch.take_compiled(run, early=True):  # removed meanwhile?
-            self.last_error = "the compile's module went away"
-            self.exits["error"] += 1
-            self._after_exit(uptime=0.0)
-        gevent.spawn(run.reap_killed)
 
     def _terminate(self, reason: str) -> None:
         run = self._run

@@ -12,12 +12,23 @@ staprun ``-s`` as ``-b`` and ``-G`` as module options), and the rest.  A
 script whose options the loader cannot honour runs through the stap driver
 as before; the reason is logged once.
 
+A compile for the BPF runtime is one process from start to running script
+(``chained_argv``): a small POSIX shell (``CHAIN_SCRIPT``, a constant: the
+command lines reach it as arguments, never as shell text) runs the compile
+and waits.  When the exporter sees the module in place it sends the shell
+SIGURG; the shell then kills the compiler (whose remaining work is its own
+clean-up), reaps it, and becomes the loader (exec), keeping the exporter's
+death signal.  Without SIGURG the shell exits with the compiler's status, and
+the exporter runs the loader itself, as for a kernel module.  This saves the
+exporter a fork per start, the dearest part of a start that is not stap's.
+
 Owns that classification and the loader command lines.  Must not start,
 signal or wait for anything, or decide which script runs how
 (``launch.py``).
 """
 
 import logging
+import os
 import shutil
 from typing import Dict, List, Optional, Set
 
@@ -27,6 +38,28 @@ log = logging.getLogger("stap-exporter")
 
 # Compiled module suffix -> the runtime's loader.
 LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
+
+# The shell that runs a compile and then becomes the loader, with arguments
+# N, the loader's N words, then the compile's words.  A SIGURG (its default
+# action is to do nothing, so a loader that gets it late does not mind) means
+# the module is complete; SIGTERM (the exporter's stop, or its death signal)
+# takes the compiler down with the shell.
+CHAIN_SHELL = "/bin/sh"
+CHAIN_SCRIPT = """\
+go=
+trap 'go=1' URG
+trap 'kill -KILL "$c" 2>/dev/null; exit 143' TERM
+n=$1; shift
+( shift "$n"; exec "$@" ) &
+c=$!
+i=0
+for a; do shift; [ "$i" -lt "$n" ] && set -- "$@" "$a"; i=$((i+1)); done
+wait "$c"; s=$?
+[ -n "$go" ] || exit "$s"
+kill -KILL "$c" 2>/dev/null; wait "$c" 2>/dev/null
+exec "$@"
+"""
+CHAINED_SUFFIX = ".bo"
 
 # Translator-only options (the module they produce is all the loader needs).
 _COMPILE_VALUE = {"-r", "-I", "-R", "-B", "-a", "-D", "-d", "--runtime", "--privilege",
@@ -95,6 +128,17 @@ class Plan:
 
     def compile_argv(self, module: str, script_path: str) -> List[str]:
         return [self.stap0] + self.compile_args + ["-p4", "-m", module, script_path]
+
+    def chained_argv(self, module: str, script_path: str) -> Optional[List[str]]:
+        """The command line of a compile that becomes the BPF loader
+        (``CHAIN_SCRIPT``), or None when that loader would refuse these
+        options, or there is no shell or no stap to run."""
+        if (self.loader_refusal(CHAINED_SUFFIX) or not os.access(CHAIN_SHELL, os.X_OK)
+                or not shutil.which(self.stap0)):
+            return None  # the exporter's own spawn says plainly what it cannot run
+        loader = self.loader_argv(CHAINED_SUFFIX, module + CHAINED_SUFFIX)
+        return ([CHAIN_SHELL, "-c", CHAIN_SCRIPT, "stap-exporter-chain", str(len(loader))]
+                + loader + self.compile_argv(module, script_path))
 
     def loader_refusal(self, suffix: str) -> Optional[str]:
         """None if the loader for modules ending in SUFFIX can run them with

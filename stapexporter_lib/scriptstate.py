@@ -38,10 +38,10 @@ MAX_REFUSALS_REMEMBERED = 64
 # While a script starts (or its output is refused), how often the watchdog
 # looks for its output: a few metadata calls (trust.output_refusal), no read.
 # Often right after a spawn (a loader on a compiled module makes its output
-# within milliseconds), then a quarter of the time since the spawn, up to
-# OUTPUT_POLL_INTERVAL (a compile takes a while): about 20 looks in the
-# first second of a start, then 5 a second.
-OUTPUT_POLL_FIRST = 0.01
+# within milliseconds: stapbpf in about 5-10 ms), then a quarter of the time
+# since the spawn, up to OUTPUT_POLL_INTERVAL (a compile takes a while):
+# about 25 looks in the first second of a start, then 5 a second.
+OUTPUT_POLL_FIRST = 0.0025
 OUTPUT_POLL_INTERVAL = 0.2
 
 

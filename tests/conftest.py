@@ -213,6 +213,17 @@ class Exporter:
         """Pids of live processes running one of this exporter's modules."""
         return processes_matching(self.module_prefix)
 
+    def child_groups(self):
+        """The process groups of children(): one per script start under way
+        or running (a compile's group holds its shell and the compiler)."""
+        groups = set()
+        for pid in self.children():
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        return sorted(groups)
+
     def signal(self, sig):
         self.proc.send_signal(sig)
 

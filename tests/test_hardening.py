@@ -690,7 +690,7 @@ def test_max_starting_cap(dirs, exporter_factory):
     r2 = exp.get("/slow2.stp")
     assert r2.status == 503, r2
     assert "--max-starting" in r2.text
-    assert len(exp.children()) == 1
+    assert len(exp.child_groups()) == 1
     assert "event=spawned script=slow2.stp" not in exp.log_text()
 
 
@@ -860,8 +860,8 @@ def test_concurrent_first_requests_start_one_child(dirs, exporter_factory):
         statuses.append(exp.get("/slow.stp", timeout=10).status)
     run_threads([hit] * 50, timeout=30)
     assert len(statuses) == 50 and set(statuses) <= {200, 503}, statuses
-    # One process at a time: the compile, then its loader (a moment apart).
-    assert len(wait_for(exp.children, message="the script's process")) == 1
+    # One start: the compile's group, which becomes the loader's.
+    assert len(wait_for(exp.child_groups, message="the script's process")) == 1
     assert len(re.findall(r"event=compiling script=slow\.stp ", exp.log_text())) == 1
     assert exp.get_until("/slow.stp").status == 200
     assert len(re.findall(r"event=compiling script=slow\.stp ", exp.log_text())) == 1

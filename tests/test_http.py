@@ -59,10 +59,10 @@ def test_compiling_script_is_503_with_retry_after(exporter):
     assert r.status == 503
     assert r.text.startswith("Refresh page to access metrics.")
     assert int(r.header("Retry-After")) >= 1
-    # Still compiling on the next request: 503 again, same child.
+    # Still compiling on the next request: 503 again, the same start.
     r2 = exporter.get("/slow.stp")
     assert r2.status == 503
-    assert len(exporter.children()) == 1
+    assert len(exporter.child_groups()) == 1
 
 
 def test_failed_script_is_502_with_its_stderr_then_restarts(exporter):

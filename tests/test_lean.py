@@ -56,18 +56,39 @@ def test_compile_then_loader_alone_with_loader_options(dirs, exporter_factory, t
 
 def test_a_compile_is_done_once_its_module_is_in_place(dirs, exporter_factory):
     """stap's last useful act of a compile is renaming the module into place;
-    its clean-up after that is not waited for: the compiler is stopped (no
-    process of it left) and the loader runs at once."""
+    its clean-up after that is not waited for.  One process from compile to
+    running script: the compile's shell kills the compiler and becomes the
+    loader, so the loader is alone in its group, under the compile's pid."""
     scripts, _ = dirs
     write_script(scripts, "lingering.stp", "linger=120")
     exp = exporter_factory()
     assert exp.get_until("/lingering.stp", timeout=30).status == 200  # long before 120 s
     line = exp.wait_log(r"event=compiling script=lingering\.stp ")
+    assert "then the loader, in the same process" in line
+    pid = int(re.search(r" pid=(\d+)", line).group(1))
+    exp.wait_log(r"event=compiled script=lingering\.stp pid=%d " % pid)
+    loader, spawned = spawned_pid(exp, "lingering.stp")
+    assert loader == pid and "run=load" in spawned
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        words = f.read().split(b"\0")  # the stand-in loader is a Python script
+    assert b"stapbpf" in [os.path.basename(word) for word in words[:2]]
+    wait_for(lambda: process_group(pid) == [pid], message="the compiler to be gone")
+    assert exp.children() == [pid]
+
+
+def test_a_compile_not_seen_complete_is_followed_to_its_exit(dirs, exporter_factory):
+    """A module that appears without a rename or a write (a hard link here)
+    is not taken as complete: the compile's shell ends with the compiler,
+    and the exporter then spawns the loader itself."""
+    scripts, _ = dirs
+    write_script(scripts, "linked.stp", "link_module=1")
+    exp = exporter_factory()
+    assert exp.get_until("/linked.stp", timeout=30).status == 200
+    line = exp.wait_log(r"event=compiling script=linked\.stp ")
     compiler = int(re.search(r" pid=(\d+)", line).group(1))
-    exp.wait_log(r"event=compile script=lingering\.stp pid=%d .*module complete; compiler"
-                 r" stopped" % compiler)
-    wait_for(lambda: not pid_alive(compiler), message="the compiler to be gone")
-    loader, _ = spawned_pid(exp, "lingering.stp")
+    loader, spawned = spawned_pid(exp, "linked.stp")
+    assert loader != compiler and "run=load" in spawned
+    assert not pid_alive(compiler)
     assert exp.children() == [loader]
 
 

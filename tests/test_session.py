@@ -504,20 +504,20 @@ def test_output_appearing_unread_makes_the_script_running_and_up(world):
 
 def test_output_is_looked_for_often_right_after_a_spawn(world):
     """A loader makes its output within milliseconds of its spawn: the
-    watchdog looks every 10 ms at first, then less often as a compile goes
+    watchdog looks every 2.5 ms at first, then less often as a compile goes
     on (a quarter of the time since the spawn), at most every 0.2 s."""
     from stapexporter_lib.scriptstate import output_poll_interval
     make, vt, fake, procfs_dir = world
     s = make("quick-autostart.stp")
     s.start()
     spawned(fake, 1)
-    vt.advance(0.01)
+    vt.advance(0.0025)
     assert s.state == "starting"
     write_output(procfs_dir, s)
-    vt.advance(0.01)
-    settle(lambda: s.state == "running", "running 10 ms after the output appeared")
-    assert [output_poll_interval(t) for t in (0, 0.02, 0.1, 0.4, 0.8, 60)] == \
-        pytest.approx([0.01, 0.01, 0.025, 0.1, 0.2, 0.2])
+    vt.advance(0.0025)
+    settle(lambda: s.state == "running", "running 2.5 ms after the output appeared")
+    assert [output_poll_interval(t) for t in (0, 0.004, 0.02, 0.1, 0.4, 0.8, 60)] == \
+        pytest.approx([0.0025, 0.0025, 0.005, 0.025, 0.1, 0.2, 0.2])
 
 
 def test_an_untrusted_script_file_is_refused_until_fixed(world):
