@@ -43,12 +43,13 @@ LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
 # N, the loader's N words, then the compile's words.  A SIGURG (its default
 # action is to do nothing, so a loader that gets it late does not mind) means
 # the module is complete; SIGTERM (the exporter's stop, or its death signal)
-# takes the compiler down with the shell.
+# is passed on to the compiler (stap then removes its temporary files), and
+# the shell dies of it as the compiler alone would have.
 CHAIN_SHELL = "/bin/sh"
 CHAIN_SCRIPT = """\
 go=
 trap 'go=1' URG
-trap 'kill -KILL "$c" 2>/dev/null; exit 143' TERM
+trap 'kill -TERM "$c" 2>/dev/null; trap - TERM; kill -TERM $$' TERM
 n=$1; shift
 ( shift "$n"; exec "$@" ) &
 c=$!
