@@ -65,10 +65,10 @@ Options:
                             as root.
   --max-scripts N           At most N scripts running at once; requests that
                             would start more get 503 [default: 256].
-  --max-starting N          At most N scripts compiling (or starting through
-                            stap or a wrapper) at once; loading a compiled
-                            module does not count; requests that would start
-                            more get 503 [default: 4].
+  --max-starting N          At most N starts that compile (or run stap or a
+                            wrapper) at once, each until its output appears;
+                            loading a kept module does not count; requests
+                            that would start more get 503 [default: 4].
   --max-connections N       At most N client connections at once; more get a
                             503 and are closed [default: 512].
   --scrape-timeout SECONDS  Longest a request waits for a running script's

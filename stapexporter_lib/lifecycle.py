@@ -148,9 +148,11 @@ class Lifecycle(ScriptState):
 
     @property
     def compiling(self) -> bool:
-        """Starting, and not just loading a compiled module: what
-        --max-starting counts (a loader's start costs next to nothing)."""
-        return self.state == STARTING and not (self._run is not None and self._run.kind == LOAD)
+        """A start that compiles, until its output appears (the load after
+        its compile included: the CPU is shared best by fewer starts at
+        once), or that runs stap or a wrapper: what --max-starting counts.
+        Not a start that loads a kept module, which costs next to nothing."""
+        return self.state == STARTING and not self._launch.from_cache
 
     def stop_budget(self) -> float:
         """The longest a stop can take (see ``child.stop_budget``)."""

@@ -92,9 +92,9 @@ def test_a_compile_not_seen_complete_is_followed_to_its_exit(dirs, exporter_fact
     assert exp.children() == [loader]
 
 
-def test_max_starting_counts_compiles_not_loaders(dirs, exporter_factory):
-    """--max-starting caps compiles: a script whose module is compiled and
-    whose loader is still getting ready does not hold up the next start."""
+def test_max_starting_counts_compiling_starts_until_their_output(dirs, exporter_factory):
+    """--max-starting caps starts that compile: such a start holds its slot
+    until its output appears, its loader's start included."""
     scripts, _ = dirs
     write_script(scripts, "slowload.stp", "load_delay=120")
     write_script(scripts, "other.stp")
@@ -102,9 +102,29 @@ def test_max_starting_counts_compiles_not_loaders(dirs, exporter_factory):
     first = exp.get("/slowload.stp")
     assert first.status == 503 and first.text.startswith("Refresh page"), first
     spawned_pid(exp, "slowload.stp")  # its loader runs; its output is two minutes away
-    assert exp.get_until("/other.stp").status == 200
-    assert "--max-starting" not in exp.log_text()
-    assert exp.get("/slowload.stp").status == 503  # still starting
+    busy = exp.get("/other.stp")
+    assert busy.status == 503 and "--max-starting" in busy.text, busy
+    assert "event=compiling script=other.stp" not in exp.log_text()
+
+
+def test_max_starting_does_not_count_kept_module_loads(dirs, exporter_factory, tmp_path):
+    """Loading a kept module costs next to nothing: however long the loader
+    takes to make its output, it holds no slot."""
+    scripts, _ = dirs
+    write_script(scripts, "kept.stp")
+    write_script(scripts, "other.stp")
+    args = ["--max-starting", "1", "--cache-dir", str(tmp_path / "cache")]
+    first = exporter_factory(args)
+    assert first.get_until("/kept.stp").status == 200
+    first.wait_log(r"event=cache script=kept\.stp .*kept the compiled module")
+    stop_and_check(first)
+    exp = exporter_factory(args, env={"FAKESTAP_LOAD_DELAY": "120"})
+    assert exp.get("/kept.stp").status == 503
+    _, line = spawned_pid(exp, "kept.stp")
+    assert "event=compiling script=kept.stp" not in exp.log_text()  # a kept module's load
+    other = exp.get("/other.stp")
+    assert other.status == 503 and other.text.startswith("Refresh page"), other
+    exp.wait_log(r"event=compiling script=other\.stp ")
 
 
 def test_failing_compile_is_a_failing_start(dirs, exporter_factory):
