@@ -7,7 +7,10 @@ comments give the declarations.  An executable script runs directly with
 ``-m MODULE`` appended.  A plain one is compiled (``STAP -p4 -m MODULE
 FILE``, a "compile" run) and its module then runs under the runtime's loader
 alone (a "load" run in the same working directory), so that the running
-script's process tree is the loader only; a module kept in the cache for
+script's process tree is the loader only.  For the BPF runtime the two are
+one process: the compile runs under a shell that becomes the loader once the
+module is in place (``loaders.CHAIN_SCRIPT``; ``load_in_place``), and the run
+turns from "compile" into "load".  A module kept in the cache for
 this script, stap, kernel and --stap is loaded at once, copied into the
 run's working directory under the run's module name.  When the loader cannot
 honour the --stap options (``loaders.py``), or without ``DirectLoad`` at
@@ -42,7 +45,6 @@ WRAPPER = "wrapper"   # an executable script, as it is
 DRIVER = "driver"     # STAP -m MODULE FILE
 COMPILE = "compile"   # STAP -p4 -m MODULE FILE
 LOAD = "load"         # the loader alone, on the compiled module
-
 
 
 @dataclasses.dataclass
@@ -215,10 +217,10 @@ class Launch:
     def load_in_place(self, run: ChildRun) -> None:
         """RUN, a chained compile (``loaders.CHAIN_SCRIPT``), has completed
         its module (``compiled_early``): keep the module in the cache and
-        tell the shell to become the loader.  RUN is the loader's run from
-        now on, in the same process (if the module went away meanwhile, the
+        log the load; the caller then tells the shell to become the loader
+        (``ChildRun.become``).  If the module went away meanwhile, the
         loader fails and the script falls back to the driver, as after any
-        loader that fails)."""
+        loader that fails."""
         self._compiled_in(run.workdir, chained=True)
         suffix = loaders.CHAINED_SUFFIX
         log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
@@ -226,7 +228,6 @@ class Launch:
         log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.script.name, run.pid,
                  self.script.module, LOAD, escape_line(" ".join(self.direct.plan.loader_argv(
                      suffix, self.script.module + suffix))))
-        run.become(LOAD)
 
     def take_compiled(self, run: ChildRun) -> bool:
         """True if RUN was a compile that left a module and exited with

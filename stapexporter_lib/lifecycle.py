@@ -236,6 +236,7 @@ class Lifecycle(ScriptState):
                     self._handle_exit()
                 elif event == "compiled":  # its shell becomes the loader; still STARTING
                     self._launch.load_in_place(self._run)
+                    self._run.become(LOAD)
                 else:
                     self._terminate(event)
         except BaseException:
