@@ -87,3 +87,17 @@ def test_module_names(tmp_path):
 def test_escape_line():
     assert escape_line("a\x1b[31mb\r\nc\x00\x7f") == "a\\x1b[31mb\\x0d\\x0ac\\x00\\x7f"
     assert escape_line("plain ünïcode") == "plain ünïcode"
+
+
+def test_empty_fifo_cycles_are_retried_sooner_early_on():
+    """After an empty FIFO cycle the reader pauses a quarter of the time it
+    has waited, 5 ms at least and 0.1 s at most: reads come every few ms
+    while a just-started script gets ready, rarely once it has been silent a
+    while (each empty read makes stapbpf spin until the reader closes)."""
+    pauses = [procfs.empty_retry_pause(t) for t in (0, 0.02, 0.1, 0.2, 0.4, 5)]
+    assert pauses == pytest.approx([0.005, 0.005, 0.025, 0.05, 0.1, 0.1])
+    waited, reads = 0.0, 0
+    while waited < 0.2:
+        waited += procfs.empty_retry_pause(waited)
+        reads += 1
+    assert reads == 15  # doubling pauses from 5 ms made 5; a flat 5 ms would make 40
