@@ -183,6 +183,7 @@ class Lifecycle(ScriptState):
         if not (loading and step.kind == LOAD) and self._refused_to_spawn():
             step.discard()
             return
+        began = self.clock()  # the spawn yields to the hub until the exec
         try:
             run.spawn(step.argv, self.config.workdir_root, step.workdir, step.prepare)
         except (OSError, trust.Untrusted) as exc:
@@ -193,7 +194,7 @@ class Lifecycle(ScriptState):
         self._run = run
         run.watch = self._launch.watch_compile(run)
         if not step.continues:
-            self.started_at = self.clock()
+            self.started_at = began
             self.starts += 1
         self.last_error = None
         step.log_spawn(self.script, run.pid)

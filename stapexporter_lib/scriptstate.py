@@ -61,7 +61,7 @@ class ScriptState:
         self.clock = clock
         self.state = STOPPED
         self.last_error: Optional[str] = None
-        self.started_at: Optional[float] = None  # clock() of the last spawn
+        self.started_at: Optional[float] = None  # clock() as the last start's spawn began
         self.first_output_at: Optional[float] = None  # clock() of the last start's first output
         self.backoff_until: Optional[float] = None
         self._run: Optional[ChildRun] = None

@@ -619,3 +619,23 @@ def test_a_stale_untrusted_output_before_the_spawn_does_not_refuse_the_start(wor
     assert scrape.get(timeout=SETTLE).kind in (Outcome.UNTRUSTED, Outcome.NOT_READY)
     assert s.state == "starting" and s.pid == fake.last.pid
     assert not module_dir.exists()
+
+
+def test_start_time_counts_from_before_the_spawn(world):
+    """A spawn yields to the hub until the child has exec'd (gevent's Popen
+    reads its error pipe), which takes a while on a busy exporter: the start
+    time covers it, so a loader whose output is ready right after the exec
+    does not show a start of nothing."""
+    from stapexporter_lib.selfmetrics import start_seconds
+    make, vt, fake, procfs_dir = world
+
+    def slow_popen(argv, **kwargs):
+        vt.now += 0.05  # the exec took 50 ms of the exporter's time
+        return fake.popen(argv, **kwargs)
+    s = make("quick-autostart.stp", popen=slow_popen)
+    s.start()
+    spawned(fake, 1)
+    write_output(procfs_dir, s)
+    vt.advance(0.01)
+    settle(lambda: s.state == "running", "running")
+    assert start_seconds(s) == pytest.approx(0.06)
