@@ -241,10 +241,12 @@ def test_sigkill_of_exporter_takes_children_with_it(dirs, exporter_factory):
     write_script(scripts, "a.stp")
     write_script(scripts, "b.stp", "mode=fifo")
     write_script(scripts, "c-autostart.stp")
+    write_script(scripts, "d.stp", "compile=60")  # a compile's shell and its compiler
     exp = exporter_factory()
     exp.get_until("/a.stp")
     exp.get_until("/b.stp")
-    wait_for(lambda: len(exp.children()) == 3, message="three children")
+    exp.get("/d.stp")
+    wait_for(lambda: len(exp.children()) == 5, message="five processes")
     children = exp.children()
     exp.signal(signal.SIGKILL)
     exp.proc.wait(5)
