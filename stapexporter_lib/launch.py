@@ -159,7 +159,7 @@ class Launch:
         argv = plan.compile_argv(module, self.script.path)
         # Without a watch on its directory, the chained compile just exits
         # with the compiler's status, and the loader is spawned as after any.
-        chained = plan.chained_argv(module, self.script.path)
+        chained = plan.chained_argv(module, argv)
         return Step(COMPILE, chained or argv, chained=bool(chained), shown=argv)
 
     def fall_back_to_driver(self, run: ChildRun) -> bool:
@@ -221,8 +221,8 @@ class Launch:
         (``ChildRun.become``).  If the module went away meanwhile, the
         loader fails and the script falls back to the driver, as after any
         loader that fails."""
-        self._compiled_in(run.workdir, chained=True)
         suffix = loaders.CHAINED_SUFFIX
+        self._keep_in_cache(run.workdir, suffix)
         log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
                  self.script.module)
         log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.script.name, run.pid,
@@ -245,21 +245,26 @@ class Launch:
         run.workdir = None  # handed over
         return True
 
-    def _compiled_in(self, workdir: str, chained: bool = False) -> bool:
+    def _compiled_in(self, workdir: str) -> bool:
         """Keep the module a compile left in WORKDIR in the cache, and load
-        it next (unless CHAINED: the compile's shell loads it).  False when
-        it left none."""
-        for suffix in [loaders.CHAINED_SUFFIX] if chained else loaders.LOADERS:
-            source = self.script.module + suffix
-            if _regular_file(os.path.join(workdir, source)):
-                if not chained:
-                    self._compiled = (workdir, suffix)
-                if self.digest is not None:
-                    # Off the start's path: the loader is spawned meanwhile.
-                    gevent.spawn(self._keep, workdir, source,
-                                 self.direct.cache.key(self.digest, suffix, self.script.module))
+        it next.  False when it left none."""
+        for suffix in loaders.LOADERS:
+            if self._keep_in_cache(workdir, suffix):
+                self._compiled = (workdir, suffix)
                 return True
         return False
+
+    def _keep_in_cache(self, workdir: str, suffix: str) -> bool:
+        """If WORKDIR holds the module ending in SUFFIX, copy it into the
+        cache off the start's path (the loader starts meanwhile); False when
+        it holds none."""
+        source = self.script.module + suffix
+        if not _regular_file(os.path.join(workdir, source)):
+            return False
+        if self.digest is not None:
+            gevent.spawn(self._keep, workdir, source,
+                         self.direct.cache.key(self.digest, suffix, self.script.module))
+        return True
 
     def _keep(self, workdir: str, source: str, name: str) -> None:
         if self.direct.cache.store(workdir, source, name):

@@ -89,6 +89,7 @@ class Plan:
         self._specific: List[tuple] = []     # (option, value)
         self.driver_reason: Optional[str] = None  # why every script needs the driver
         self._loaders: Dict[str, Optional[str]] = {}
+        self._chain_ok = False
         self._logged: Set[str] = set()
         self._sort(stap[1:])
 
@@ -130,16 +131,24 @@ class Plan:
     def compile_argv(self, module: str, script_path: str) -> List[str]:
         return [self.stap0] + self.compile_args + ["-p4", "-m", module, script_path]
 
-    def chained_argv(self, module: str, script_path: str) -> Optional[List[str]]:
-        """The command line of a compile that becomes the BPF loader
-        (``CHAIN_SCRIPT``), or None when that loader would refuse these
-        options, or there is no shell or no stap to run."""
-        if (self.loader_refusal(CHAINED_SUFFIX) or not os.access(CHAIN_SHELL, os.X_OK)
-                or not shutil.which(self.stap0)):
+    def chained_argv(self, module: str, compile_argv: List[str]) -> Optional[List[str]]:
+        """The command line of COMPILE_ARGV becoming the BPF loader once its
+        module is in place (``CHAIN_SCRIPT``), or None when that loader
+        would refuse these options, or there is no shell or no stap to run."""
+        if not self._chainable():
             return None  # the exporter's own spawn says plainly what it cannot run
         loader = self.loader_argv(CHAINED_SUFFIX, module + CHAINED_SUFFIX)
         return ([CHAIN_SHELL, "-c", CHAIN_SCRIPT, "stap-exporter-chain", str(len(loader))]
-                + loader + self.compile_argv(module, script_path))
+                + loader + compile_argv)
+
+    def _chainable(self) -> bool:
+        """Whether compiles can be chained (looked up until it is so; then
+        remembered, as the loaders' paths are)."""
+        if not self._chain_ok:
+            self._chain_ok = (not self.loader_refusal(CHAINED_SUFFIX)
+                              and os.access(CHAIN_SHELL, os.X_OK)
+                              and shutil.which(self.stap0) is not None)
+        return self._chain_ok
 
     def loader_refusal(self, suffix: str) -> Optional[str]:
         """None if the loader for modules ending in SUFFIX can run them with
