@@ -36,6 +36,7 @@ including the setrlimit shim the loaders need in this sandbox).
 
 import argparse
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -166,8 +167,22 @@ def combine(runs):
     med.update(mode=runs[0]["mode"], count=runs[0]["count"], repeats=len(runs),
                ended=min(r["ended"] for r in runs), compiled=max(r["compiled"] for r in runs),
                left=[p for r in runs for p in r["left"]],
-               medians=[r["first_median"] for r in runs])
+               medians=[r["first_median"] for r in runs],
+               starts=[r["start_median"] for r in runs])
     return med
+
+
+def paired(direct, driver, resamples=10000):
+    """(median, low, high): the median of the per-repeat differences
+    DIRECT - DRIVER (the ways took turns, so each pair saw the same spell of
+    the machine) and its 95 % bootstrap interval.  An interval that holds 0
+    is a difference this run could not tell from the machine's noise."""
+    diffs = [a - b for a, b in zip(direct, driver)]
+    rng = random.Random(12)  # the same figures for the same run
+    boots = sorted(statistics.median(rng.choices(diffs, k=len(diffs)))
+                   for _ in range(resamples))
+    return (statistics.median(diffs), boots[int(0.025 * resamples)],
+            boots[int(0.975 * resamples) - 1])
 
 
 def prepare(tmp):
@@ -220,14 +235,17 @@ def main():
     for count in sorted({r["count"] for r in results}):
         by = {r["mode"]: r for r in results if r["count"] == count}
         wins = sum(1 for a, b in zip(by["direct"]["medians"], by["driver"]["medians"]) if a <= b)
+        first = paired(by["direct"]["medians"], by["driver"]["medians"])
+        start = paired(by["direct"]["starts"], by["driver"]["starts"])
         summary.append("%d scripts: tree RSS %.1f vs %.1f MiB (%.2fx), first metrics %.2f vs"
-                       " %.2f s (direct no slower in %d of %d repeats; kept modules %.2f s),"
-                       " start %.3f vs %.3f s"
-                       % (count, by["direct"]["tree_mib"], by["driver"]["tree_mib"],
-                          by["direct"]["tree_mib"] / by["driver"]["tree_mib"],
-                          by["direct"]["first_median"], by["driver"]["first_median"], wins,
-                          len(by["direct"]["medians"]), by["kept"]["first_median"],
-                          by["direct"]["start_median"], by["driver"]["start_median"]))
+                       " %.2f s (direct no slower in %d of %d repeats; direct - driver %+.3f s,"
+                       " 95%% interval %+.3f..%+.3f; kept modules %.2f s),"
+                       " start %.3f vs %.3f s (direct - driver %+.4f s, %+.4f..%+.4f)"
+                       % ((count, by["direct"]["tree_mib"], by["driver"]["tree_mib"],
+                           by["direct"]["tree_mib"] / by["driver"]["tree_mib"],
+                           by["direct"]["first_median"], by["driver"]["first_median"], wins,
+                           len(by["direct"]["medians"])) + first + (by["kept"]["first_median"],
+                          by["direct"]["start_median"], by["driver"]["start_median"]) + start))
         if by["kept"]["compiled"]:
             summary.append("%d scripts: the kept run compiled %d times (expected none)"
                            % (count, by["kept"]["compiled"]))

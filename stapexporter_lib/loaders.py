@@ -16,10 +16,11 @@ A compile for the BPF runtime is one process from start to running script
 (``chained_argv``): a small POSIX shell (``CHAIN_SCRIPT``, a constant: the
 command lines reach it as arguments, never as shell text) runs the compile
 and waits.  When the exporter sees the module in place it sends the shell
-SIGURG; the shell then kills the compiler (whose remaining work is its own
-clean-up), reaps it, and becomes the loader (exec), keeping the exporter's
-death signal.  Without SIGURG the shell exits with the compiler's status, and
-the exporter runs the loader itself, as for a kernel module.  This saves the
+SIGURG; the shell then has the compiler killed (its remaining work is its
+own clean-up) and becomes the loader (exec), keeping the exporter's death
+signal; the compiler's exit goes on beside the loader's start.  Without
+SIGURG the shell exits with the compiler's status, and the exporter runs
+the loader itself, as for a kernel module.  This saves the
 exporter a fork per start, the dearest part of a start that is not stap's.
 
 Owns that classification and the loader command lines.  Must not start,
@@ -40,24 +41,36 @@ log = logging.getLogger("stap-exporter")
 LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
 
 # The shell that runs a compile and then becomes the loader, with arguments
-# N, the loader's N words, then the compile's words.  A SIGURG (its default
-# action is to do nothing, so a loader that gets it late does not mind) means
-# the module is complete; SIGTERM (the exporter's stop, or its death signal)
-# is passed on to the compiler (stap then removes its temporary files), and
-# the shell dies of it as the compiler alone would have.
+# N, the loader's N words, then the compile's words.  The compiler runs under
+# a subshell (the "minder"), never as the shell's own child: on SIGURG (its
+# default action is to do nothing, so a loader that gets it late does not
+# mind) the module is complete, the shell passes SIGURG to the minder, which
+# SIGKILLs the compiler and exits at once, and the shell execs the loader.
+# The compiler's exit (freeing tens of MB) then goes on beside the loader's
+# start instead of before it, and the orphan is reaped by the exporter (a
+# child subreaper), so no zombie hangs under the loader.  SIGTERM (the
+# exporter's stop, or its death signal) is passed on to the compiler (stap
+# then removes its temporary files), and the shell dies of it as the compiler
+# alone would have.  A signal that comes before its trap is set costs time,
+# never correctness: the shell then waits for the compiler's own end.
 CHAIN_SHELL = "/bin/sh"
 CHAIN_SCRIPT = """\
 go=
 trap 'go=1' URG
 trap 'kill -TERM "$c" 2>/dev/null; trap - TERM; kill -TERM $$' TERM
 n=$1; shift
-( shift "$n"; exec "$@" ) &
+(
+trap 'kill -KILL "$s" 2>/dev/null; exit 0' URG
+trap 'kill -TERM "$s" 2>/dev/null; exit 143' TERM
+shift "$n"; "$@" & s=$!
+wait "$s"
+) &
 c=$!
 i=0
 for a; do shift; [ "$i" -lt "$n" ] && set -- "$@" "$a"; i=$((i+1)); done
-wait "$c"; s=$?
+[ -n "$go" ] || wait "$c"; s=$?
 [ -n "$go" ] || exit "$s"
-kill -KILL "$c" 2>/dev/null; wait "$c" 2>/dev/null
+kill -URG "$c" 2>/dev/null; wait "$c" 2>/dev/null
 exec "$@"
 """
 CHAINED_SUFFIX = ".bo"

@@ -215,7 +215,8 @@ class Exporter:
 
     def child_groups(self):
         """The process groups of children(): one per script start under way
-        or running (a compile's group holds its shell and the compiler)."""
+        or running (a compile's group holds its shell, the subshell minding
+        the compiler, and the compiler)."""
         groups = set()
         for pid in self.children():
             try:

@@ -2,7 +2,8 @@
 (loaders.CHAIN_SCRIPT), on its own, with every POSIX shell this machine has:
 /bin/sh (dash on Debian, bash on Fedora) and dash and bash by name.  The
 command lines reach it as arguments and must arrive word for word; SIGURG
-turns it into the loader in the same process, with the compiler gone;
+turns it into the loader in the same process, with the compiler killed and
+not its child (no zombie under the loader);
 without SIGURG it ends with the compiler's status and runs nothing else;
 SIGTERM is passed on to the compiler."""
 
@@ -31,7 +32,7 @@ def cleanup(*_):
     open("cleaned-up", "w").close()
     sys.exit(1)
 signal.signal(signal.SIGTERM, cleanup)
-open("compiler.pid", "w").write(str(os.getpid()))
+open("compiler.pid", "w").write("%d %d" % (os.getpid(), os.getppid()))
 open("m.bo.tmp", "w").write("module")
 os.rename("m.bo.tmp", "m.bo")
 if sys.argv[1] == "linger":
@@ -47,6 +48,11 @@ urg = 1 << (signal_number - 1)
 print(repr(sys.argv[1:]))
 print(os.getpid())
 print("ignored" if int(fields["SigIgn"], 16) & urg else "default")
+try:
+    os.waitpid(-1, os.WNOHANG)
+    print("has children")
+except ChildProcessError:
+    print("no children")
 """
 
 
@@ -58,35 +64,43 @@ def chain(shell, tmp_path, compiler_arg):
                             stderr=subprocess.PIPE)
 
 
-def compiler_pid(tmp_path):
+def compiler_pids(tmp_path):
+    """(pid, parent pid) of the stand-in compiler once its module is in place."""
     path = tmp_path / "compiler.pid"
     wait_for(lambda: path.exists() and path.read_text() and (tmp_path / "m.bo").exists(),
              message="the compiler's module")
-    return int(path.read_text())
+    pid, parent = path.read_text().split()
+    return int(pid), int(parent)
 
 
 def signalled(shell, tmp_path, sig):
-    """(process, compiler pid, stdout, stderr) of a chain whose lingering
-    compiler had put its module in place when the shell got SIG."""
+    """(process, compiler pid, compiler's parent pid, stdout, stderr) of a
+    chain whose lingering compiler had put its module in place when the
+    shell got SIG."""
     proc = chain(shell, tmp_path, "linger")
     try:
-        compiler = compiler_pid(tmp_path)
+        compiler, parent = compiler_pids(tmp_path)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    return proc, compiler, out, err
+    return proc, compiler, parent, out, err
 
 
 @pytest.mark.parametrize("shell", SHELLS)
 def test_sigurg_makes_the_shell_the_loader(shell, tmp_path):
-    proc, compiler, out, err = signalled(shell, tmp_path, signal.SIGURG)
+    proc, compiler, parent, out, err = signalled(shell, tmp_path, signal.SIGURG)
     lines = out.decode().splitlines()
     assert proc.returncode == 0, err
     assert eval(lines[0]) == AWKWARD  # noqa: S307 -- our own repr of a list of str
     assert int(lines[1]) == proc.pid  # the same process: exec, no fork
     assert lines[2] == "default"      # SIGURG is not left ignored in the loader
-    assert not pid_alive(compiler)    # the lingering compiler was killed and reaped
+    # The compiler runs under the minder, never as the shell's child, so the
+    # loader starts without waiting for the compiler's exit and no zombie of
+    # it is left under the loader.
+    assert parent != proc.pid
+    assert lines[3] == "no children"
+    wait_for(lambda: not pid_alive(compiler), message="the lingering compiler to be killed")
     assert not (tmp_path / "pwned").exists()
     assert err == b""
 
@@ -105,7 +119,7 @@ def test_without_sigurg_it_ends_with_the_compilers_status(shell, tmp_path, statu
 def test_sigterm_is_passed_on_to_the_compiler(shell, tmp_path):
     """The shell passes SIGTERM on (stap then removes its temporary files)
     and dies of it, so the exporter sees a process stopped by SIGTERM."""
-    proc, compiler, out, _ = signalled(shell, tmp_path, signal.SIGTERM)
+    proc, compiler, _parent, out, _ = signalled(shell, tmp_path, signal.SIGTERM)
     assert proc.returncode == -signal.SIGTERM
     assert out == b""
     wait_for(lambda: not pid_alive(compiler), message="the compiler to be gone")

@@ -57,8 +57,10 @@ def test_compile_then_loader_alone_with_loader_options(dirs, exporter_factory, t
 def test_a_compile_is_done_once_its_module_is_in_place(dirs, exporter_factory):
     """stap's last useful act of a compile is renaming the module into place;
     its clean-up after that is not waited for.  One process from compile to
-    running script: the compile's shell kills the compiler and becomes the
-    loader, so the loader is alone in its group, under the compile's pid."""
+    running script: the compile's shell has the compiler killed and becomes
+    the loader, so the loader is alone in its group, under the compile's pid;
+    the killed compiler, orphaned, is reaped by the exporter (no zombie left
+    in the group)."""
     scripts, _ = dirs
     write_script(scripts, "lingering.stp", "linger=120")
     exp = exporter_factory()

@@ -241,12 +241,13 @@ def test_sigkill_of_exporter_takes_children_with_it(dirs, exporter_factory):
     write_script(scripts, "a.stp")
     write_script(scripts, "b.stp", "mode=fifo")
     write_script(scripts, "c-autostart.stp")
-    write_script(scripts, "d.stp", "compile=60")  # a compile's shell and its compiler
+    # A compile: its shell, the subshell minding the compiler, the compiler.
+    write_script(scripts, "d.stp", "compile=60")
     exp = exporter_factory()
     exp.get_until("/a.stp")
     exp.get_until("/b.stp")
     exp.get("/d.stp")
-    wait_for(lambda: len(exp.children()) == 5, message="five processes")
+    wait_for(lambda: len(exp.children()) == 6, message="six processes")
     children = exp.children()
     exp.signal(signal.SIGKILL)
     exp.proc.wait(5)
