@@ -242,14 +242,13 @@ class ChildRun:
             pass
 
     def become(self, kind: str) -> None:
-        """A chained compile's module is complete: SIGURG tells its shell to
-        stop the compiler and exec the loader (``loaders.CHAIN_SCRIPT``).
-        From now on the run is KIND's, spawned now, with no watch."""
+        """A chained compile's shell has become the loader (or is about to:
+        ``loaders.CHAIN_SCRIPT``).  From now on the run is KIND's, spawned
+        now, with no watch."""
         self._close_watch()
         self.kind = kind
         self.chained = False
         self.spawned_at = self._os.clock()
-        self.signal_leader(signal.SIGURG)
 
     def terminate(self, grace: float) -> None:
         """SIGTERM the group leader, and SIGKILL the group if the leader is

@@ -158,8 +158,8 @@ class ModuleCache:
             trust.close_now(src)
 
     def store(self, workdir: str, source: str, name: str) -> bool:
-        """Copy WORKDIR/SOURCE into the cache as NAME, atomically; True if
-        it was kept."""
+        """Copy WORKDIR/SOURCE (a path relative to WORKDIR, no link followed)
+        into the cache as NAME, atomically; True if it was kept."""
         if not self.enabled:
             return False
         try:
@@ -174,7 +174,12 @@ class ModuleCache:
     def _store(self, workdir: str, source: str, name: str) -> None:
         src_dir = os.open(workdir, _DIR_FLAGS | os.O_NOFOLLOW)
         try:
-            src = os.open(source, _READ_FLAGS, dir_fd=src_dir)
+            *dirs, leaf = source.split("/")  # each directory opened without following a link
+            for part in dirs:
+                inner = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=src_dir)
+                trust.close_now(src_dir)
+                src_dir = inner
+            src = os.open(leaf, _READ_FLAGS, dir_fd=src_dir)
         finally:
             trust.close_now(src_dir)
         try:

@@ -1,16 +1,16 @@
 """Knowing at once when a file is finished in a directory (Linux inotify).
 
-A compile leaves its module in its working directory as its last useful act
-(stap writes it under a temporary name and renames it into place); what the
-compiler does after that -- removing its temporary files, freeing its memory
--- takes a fifth of its time, and the exporter has no need to wait for it.
+A chained compile's shell becomes the loader on its own, and leaves a marker
+file in its working directory saying which module it loads
+(``loaders.CHAIN_SCRIPT``); the exporter learns of it from here, to count
+the run as a load from then on and to keep the module in its cache.
 ``DirWatch`` tells the watchdog the moment a name is completed in a
 directory: renamed into it (``IN_MOVED_TO``) or closed after writing
 (``IN_CLOSE_WRITE``).  One inotify instance serves the whole exporter (one
 watch per watched directory) and is read from a hub callback, without
 blocking and without a greenlet of its own.  Where inotify cannot be had
 (another kernel, or the per-user limits reached), ``watch`` returns None and
-callers wait for the compiler's exit as before.
+callers look for the file themselves.
 
 Owns the inotify descriptor and its watches.  Must not decide what a
 completed name means (``launch.py``) or signal processes (``child.py``).

@@ -8,9 +8,10 @@ comments give the declarations.  An executable script runs directly with
 FILE``, a "compile" run) and its module then runs under the runtime's loader
 alone (a "load" run in the same working directory), so that the running
 script's process tree is the loader only.  For the BPF runtime the two are
-one process: the compile runs under a shell that becomes the loader once the
-module is in place (``loaders.CHAIN_SCRIPT``; ``load_in_place``), and the run
-turns from "compile" into "load".  A module kept in the cache for
+one process: the compile runs under a shell that becomes the loader once
+stap says the module is complete (``loaders.CHAIN_SCRIPT``), and the run
+turns from "compile" into "load" when the exporter sees that
+(``load_in_place``).  A module kept in the cache for
 this script, stap, kernel and --stap is loaded at once, copied into the
 run's working directory under the run's module name.  When the loader cannot
 honour the --stap options (``loaders.py``), or without ``DirectLoad`` at
@@ -157,10 +158,9 @@ class Launch:
             return Step(LOAD, plan.loader_argv(suffix, module + suffix),
                         prepare=lambda workdir: cache.place(kept, workdir, module + suffix))
         argv = plan.compile_argv(module, self.script.path)
-        # Without a watch on its directory, the chained compile just exits
-        # with the compiler's status, and the loader is spawned as after any.
         chained = plan.chained_argv(module, argv)
-        return Step(COMPILE, chained or argv, chained=bool(chained), shown=argv)
+        return Step(COMPILE, chained or argv, chained=bool(chained), shown=argv,
+                    prepare=loaders.make_chain_output if chained else None)
 
     def fall_back_to_driver(self, run: ChildRun) -> bool:
         """RUN, the loader alone on a module just compiled, exited before any
@@ -196,38 +196,55 @@ class Launch:
 
     def watch_compile(self, run: ChildRun) -> Optional[dirwatch.Watch]:
         """For a chained compile RUN just spawned: a watch on its working
-        directory, to know the moment its module is complete
+        directory, to know the moment its shell becomes the loader
         (``compiled_early``)."""
         return dirwatch.shared().watch(run.workdir) if run.chained else None
 
     def compiled_early(self, run: ChildRun, watch: Optional[dirwatch.Watch]) -> bool:
-        """True if RUN, a chained compile still running, has completed a BPF
-        module in its working directory (renamed into place, or written and
-        closed: WATCH saw it).  That is stap's last act of its pass 4, after
-        its own cache is updated: what is left of the compiler is removing
-        its temporary directory (inside the working directory, which is
-        removed with the run) and exiting, which the start need not wait
-        for.  Only BPF modules: a kernel module may be followed by its
-        signature (a compile server's ``.ko.sgn``)."""
-        if watch is None or not run.chained or run.exited():
+        """True if RUN, a chained compile, has become the loader (or is about
+        to): its shell wrote ``loaders.CHAIN_MARKER`` (WATCH saw it closed;
+        without a watch, the file is looked for).  The exporter learns it
+        after the fact: the shell does not wait for it."""
+        if not run.chained or not run.workdir:
             return False
-        name = self.script.module + loaders.CHAINED_SUFFIX
-        return watch.completed(name) and _regular_file(os.path.join(run.workdir, name))
+        if watch is not None and not watch.completed(loaders.CHAIN_MARKER):
+            return False
+        return _regular_file(os.path.join(run.workdir, loaders.CHAIN_MARKER))
 
     def load_in_place(self, run: ChildRun) -> None:
-        """RUN, a chained compile (``loaders.CHAIN_SCRIPT``), has completed
-        its module (``compiled_early``): keep the module in the cache and
-        log the load; the caller then tells the shell to become the loader
-        (``ChildRun.become``).  If the module went away meanwhile, the
-        loader fails and the script falls back to the driver, as after any
-        loader that fails."""
+        """RUN, a chained compile (``loaders.CHAIN_SCRIPT``), has become the
+        loader (``compiled_early``): keep the module it loads in the cache
+        and log the load; the caller then turns the run into a load
+        (``ChildRun.become``).  A loader that fails makes the script fall
+        back to the driver, as after any loader that fails."""
         suffix = loaders.CHAINED_SUFFIX
-        self._keep_in_cache(run.workdir, suffix)
+        module_file = self.script.module + suffix
+        source = self._chain_module(run.workdir, module_file)
+        if source is not None:
+            self._keep_in_cache(run.workdir, source, suffix)
         log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
                  self.script.module)
         log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.script.name, run.pid,
                  self.script.module, LOAD, escape_line(" ".join(self.direct.plan.loader_argv(
-                     suffix, self.script.module + suffix))))
+                     suffix, source or module_file))))
+
+    def _chain_module(self, workdir: str, module_file: str) -> Optional[str]:
+        """The module a chain's marker names (relative to WORKDIR), or None
+        if it names none that the chain could have written."""
+        def read() -> bytes:
+            fd = os.open(os.path.join(workdir, loaders.CHAIN_MARKER),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                return os.read(fd, 256)
+            finally:
+                os.close(fd)
+        try:
+            text = in_pool(read).decode("ascii", "replace")
+        except OSError as exc:
+            log.warning("cache: script=%s cannot read which module its compile loads: %s",
+                        self.script.name, exc.strerror)
+            return None
+        return loaders.chain_marker_path(text, module_file)
 
     def take_compiled(self, run: ChildRun) -> bool:
         """True if RUN was a compile that left a module and exited with
@@ -249,16 +266,15 @@ class Launch:
         """Keep the module a compile left in WORKDIR in the cache, and load
         it next.  False when it left none."""
         for suffix in loaders.LOADERS:
-            if self._keep_in_cache(workdir, suffix):
+            if self._keep_in_cache(workdir, self.script.module + suffix, suffix):
                 self._compiled = (workdir, suffix)
                 return True
         return False
 
-    def _keep_in_cache(self, workdir: str, suffix: str) -> bool:
-        """If WORKDIR holds the module ending in SUFFIX, copy it into the
-        cache off the start's path (the loader starts meanwhile); False when
-        it holds none."""
-        source = self.script.module + suffix
+    def _keep_in_cache(self, workdir: str, source: str, suffix: str) -> bool:
+        """If WORKDIR holds the module SOURCE (ending in SUFFIX), copy it into
+        the cache off the start's path (the loader starts meanwhile); False
+        when it holds none."""
         if not _regular_file(os.path.join(workdir, source)):
             return False
         if self.digest is not None:

@@ -235,7 +235,7 @@ class Lifecycle(ScriptState):
                 event = self._wait_live()
                 if event == "exit":
                     self._handle_exit()
-                elif event == "compiled":  # its shell becomes the loader; still STARTING
+                elif event == "compiled":  # its shell became the loader; still STARTING
                     self._launch.load_in_place(self._run)
                     self._run.become(LOAD)
                 else:
@@ -266,7 +266,7 @@ class Lifecycle(ScriptState):
     def _wait_live(self) -> str:
         """Block until the process exits ("exit"), a stop is requested
         ("stop"), the keepalive period passes without requests ("idle"), or
-        a compile has completed its module ("compiled").
+        a chained compile has become the loader ("compiled").
         Until the output appears (or while it is refused), look for it
         (``output_poll_interval``)."""
         keepalive = self.config.keepalive
@@ -290,7 +290,8 @@ class Lifecycle(ScriptState):
             self._os.wait([self._run.result, self._wake] + ([watch.event] if watch else []),
                           timeout)
             if self._run.exited() and not self._stop_requested:
-                return "exit"
+                # A chain that became the loader and ended before we saw it.
+                return "compiled" if self._launch.compiled_early(self._run, None) else "exit"
             self._wake.clear()
             if watch:
                 watch.event.clear()

@@ -14,13 +14,14 @@ as before; the reason is logged once.
 
 A compile for the BPF runtime is one process from start to running script
 (``chained_argv``): a small POSIX shell (``CHAIN_SCRIPT``, a constant: the
-command lines reach it as arguments, never as shell text) runs the compile
-and waits.  When the exporter sees the module in place it sends the shell
-SIGURG; the shell then has the compiler killed (its remaining work is its
-own clean-up) and becomes the loader (exec), keeping the exporter's death
-signal; the compiler's exit goes on beside the loader's start.  Without
-SIGURG the shell exits with the compiler's status, and the exporter runs
-the loader itself, as for a kernel module.  This saves the
+command lines reach it as arguments, never as shell text) runs the compile,
+and when stap says its module is complete the shell has the compiler killed
+(its remaining work is its own clean-up) and becomes the loader (exec),
+keeping the exporter's death signal, without waiting for the exporter or for
+the compiler's exit.  It leaves a marker file saying which module it loads,
+so that the exporter keeps that module in its cache.  Otherwise (a failed
+compile, a kernel module) the shell exits with the compiler's status, and
+the exporter runs the loader itself, as for a kernel module.  This saves the
 exporter a fork per start, the dearest part of a start that is not stap's.
 
 Owns that classification and the loader command lines.  Must not start,
@@ -41,38 +42,50 @@ log = logging.getLogger("stap-exporter")
 LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
 
 # The shell that runs a compile and then becomes the loader, with arguments
-# N, the loader's N words, then the compile's words.  The compiler runs under
-# a subshell (the "minder"), never as the shell's own child: on SIGURG (its
-# default action is to do nothing, so a loader that gets it late does not
-# mind) the module is complete, the shell passes SIGURG to the minder, which
-# SIGKILLs the compiler and exits at once, and the shell execs the loader.
-# The compiler's exit (freeing tens of MB) then goes on beside the loader's
-# start instead of before it, and the orphan is reaped by the exporter (a
-# child subreaper), so no zombie hangs under the loader.  SIGTERM (the
-# exporter's stop, or its death signal) is passed on to the compiler (stap
-# then removes its temporary files), and the shell dies of it as the compiler
-# alone would have.  A signal that comes before its trap is set costs time,
-# never correctness: the shell then waits for the compiler's own end.
+# N, the module's file name, the loader's N words before it, then the
+# compile's words; it runs in the run's working directory, which holds the
+# FIFO ``CHAIN_OUTPUT`` (made by ``make_chain_output``) and is the compile's
+# TMPDIR.  The compiler runs under a subshell (the "minder"), never as the
+# shell's own child.  stap prints the module's file name on its standard
+# output (the FIFO) once the module is complete in its temporary directory,
+# before copying it to the working directory and removing that directory;
+# the minder reads that line, SIGKILLs the compiler at once (what is left of
+# its work is that copy and clean-up, and freeing tens of MB), picks the
+# module's complete copy, writes its path to ``CHAIN_MARKER`` and exits; the
+# shell then execs the loader on it.  The copy in the working directory is
+# taken if stap had renamed it into place (then it may also have started
+# removing its temporary directory); else stap was killed before that rename
+# and, its next step never taken, the temporary directory's copy stays.  No
+# step waits for the exporter, and the compiler's exit goes on beside the
+# loader's start; the orphan is reaped by the exporter (a child subreaper), so
+# no zombie hangs under the loader.  Any other line, or none (a failed
+# compile, a kernel module), and the shell ends with the compiler's status.
+# SIGTERM (the exporter's stop, or its death signal) is passed on to the
+# compiler (stap then removes its temporary files), and the shell dies of it
+# as the compiler alone would have.
 CHAIN_SHELL = "/bin/sh"
+CHAIN_OUTPUT = "chain.out"
+CHAIN_MARKER = "chain.loading"
 CHAIN_SCRIPT = """\
-go=
-trap 'go=1' URG
 trap 'kill -TERM "$c" 2>/dev/null; trap - TERM; kill -TERM $$' TERM
-n=$1; shift
+n=$1; m=$2; shift 2
 (
-trap 'kill -KILL "$s" 2>/dev/null; exit 0' URG
 trap 'kill -TERM "$s" 2>/dev/null; exit 143' TERM
-shift "$n"; "$@" & s=$!
-wait "$s"
+shift "$n"; "$@" >@OUTPUT@ & s=$!
+IFS= read -r line <@OUTPUT@
+[ "$line" = "$m" ] || { wait "$s"; exit; }
+kill -KILL "$s"
+[ -f "$m" ] || for d in stap??????/; do [ -f "$d$m" ] && m=$d$m; done
+printf '%s\\n' "$m" >@MARKER@
 ) &
 c=$!
 i=0
 for a; do shift; [ "$i" -lt "$n" ] && set -- "$@" "$a"; i=$((i+1)); done
-[ -n "$go" ] || wait "$c"; s=$?
-[ -n "$go" ] || exit "$s"
-kill -URG "$c" 2>/dev/null; wait "$c" 2>/dev/null
-exec "$@"
-"""
+wait "$c"; s=$?
+[ -f @MARKER@ ] || exit "$s"
+IFS= read -r m <@MARKER@
+exec "$@" "$m"
+""".replace("@OUTPUT@", CHAIN_OUTPUT).replace("@MARKER@", CHAIN_MARKER)
 CHAINED_SUFFIX = ".bo"
 
 # Translator-only options (the module they produce is all the loader needs).
@@ -146,13 +159,17 @@ class Plan:
 
     def chained_argv(self, module: str, compile_argv: List[str]) -> Optional[List[str]]:
         """The command line of COMPILE_ARGV becoming the BPF loader once its
-        module is in place (``CHAIN_SCRIPT``), or None when that loader
-        would refuse these options, or there is no shell or no stap to run."""
+        module is complete (``CHAIN_SCRIPT``; its working directory needs
+        ``make_chain_output``), or None when that loader would refuse these
+        options, or there is no shell or no stap to run."""
         if not self._chainable():
             return None  # the exporter's own spawn says plainly what it cannot run
-        loader = self.loader_argv(CHAINED_SUFFIX, module + CHAINED_SUFFIX)
-        return ([CHAIN_SHELL, "-c", CHAIN_SCRIPT, "stap-exporter-chain", str(len(loader))]
-                + loader + compile_argv)
+        module_file = module + CHAINED_SUFFIX
+        loader = self.loader_argv(CHAINED_SUFFIX, module_file)
+        if loader[-1] != module_file:  # the BPF loader takes no words after the module
+            return None
+        return ([CHAIN_SHELL, "-c", CHAIN_SCRIPT, "stap-exporter-chain", str(len(loader) - 1),
+                 module_file] + loader[:-1] + compile_argv)
 
     def _chainable(self) -> bool:
         """Whether compiles can be chained (looked up until it is so; then
@@ -199,6 +216,26 @@ class Plan:
         if suffix not in self._loaders:
             self._loaders[suffix] = shutil.which(LOADERS[suffix])
         return self._loaders[suffix]
+
+
+def make_chain_output(workdir: str) -> None:
+    """The FIFO a chained compile's standard output goes through, in its new
+    working directory WORKDIR (which only the exporter's user can enter)."""
+    os.mkfifo(os.path.join(workdir, CHAIN_OUTPUT), 0o600)
+
+
+def chain_marker_path(text: str, module_file: str) -> Optional[str]:
+    """The module path a chain's marker file (TEXT) names, relative to the
+    working directory, if it is one the chain can write: MODULE_FILE, or
+    MODULE_FILE in stap's temporary directory; else None."""
+    path = text[:-1] if text.endswith("\n") else text
+    if path == module_file:
+        return path
+    head, _, tail = path.partition("/")
+    if (tail == module_file and len(head) == 10 and head.startswith("stap")
+            and head[4:].isalnum() and head[4:].isascii()):
+        return path
+    return None
 
 
 def _split(word: str) -> tuple:

@@ -45,18 +45,22 @@ def test_compile_then_loader_alone_with_loader_options(dirs, exporter_factory, t
     argv = argv_of(line)
     assert "run=load" in line
     assert os.path.basename(argv[0]) == "stapbpf"
-    assert argv[1:] == ["-v", "-w", "-x", "1", "-o", str(tmp_path / "out"), module + ".bo"]
-    assert process_group(pid) == [pid]
+    assert argv[1:-1] == ["-v", "-w", "-x", "1", "-o", str(tmp_path / "out")]
+    # The module as stap left it: in place, or in its temporary directory
+    # when the compiler was killed before its rename.
+    assert re.fullmatch(r"(stap\w{6}/)?%s\.bo" % re.escape(module), argv[-1])
+    wait_for(lambda: process_group(pid) == [pid], message="the compiler to be gone")
     assert exp.children() == [pid]
     workdir = os.readlink("/proc/%d/cwd" % pid)
-    assert os.path.exists(os.path.join(workdir, module + ".bo"))
+    assert os.path.exists(os.path.join(workdir, argv[-1]))
     exp.wait_log(r"event=stopped script=plain\.stp ", timeout=10)
     assert not os.path.exists(workdir)
 
 
-def test_a_compile_is_done_once_its_module_is_in_place(dirs, exporter_factory):
-    """stap's last useful act of a compile is renaming the module into place;
-    its clean-up after that is not waited for.  One process from compile to
+def test_a_compile_is_done_once_it_names_its_module(dirs, exporter_factory):
+    """stap's last useful act of a compile is printing the module's file name
+    (then it copies the module into place and cleans up, which is not waited
+    for: the stand-in lingers 120 s).  One process from compile to
     running script: the compile's shell has the compiler killed and becomes
     the loader, so the loader is alone in its group, under the compile's pid;
     the killed compiler, orphaned, is reaped by the exporter (no zombie left
@@ -78,20 +82,40 @@ def test_a_compile_is_done_once_its_module_is_in_place(dirs, exporter_factory):
     assert exp.children() == [pid]
 
 
-def test_a_compile_not_seen_complete_is_followed_to_its_exit(dirs, exporter_factory):
-    """A module that appears without a rename or a write (a hard link here)
-    is not taken as complete: the compile's shell ends with the compiler,
-    and the exporter then spawns the loader itself."""
+def test_a_compile_that_does_not_name_its_module_is_followed_to_its_exit(dirs, exporter_factory):
+    """A compile that does not print its module's file name (as stap does
+    once the module is complete) is not taken as complete: the compile's
+    shell ends with the compiler, and the exporter then spawns the loader
+    itself."""
     scripts, _ = dirs
-    write_script(scripts, "linked.stp", "link_module=1")
+    write_script(scripts, "silent.stp", "silent")
     exp = exporter_factory()
-    assert exp.get_until("/linked.stp", timeout=30).status == 200
-    line = exp.wait_log(r"event=compiling script=linked\.stp ")
+    assert exp.get_until("/silent.stp", timeout=30).status == 200
+    line = exp.wait_log(r"event=compiling script=silent\.stp ")
     compiler = int(re.search(r" pid=(\d+)", line).group(1))
-    loader, spawned = spawned_pid(exp, "linked.stp")
+    loader, spawned = spawned_pid(exp, "silent.stp")
     assert loader != compiler and "run=load" in spawned
     assert not pid_alive(compiler)
     assert exp.children() == [loader]
+
+
+def test_a_compile_killed_before_its_rename_loads_the_temporary_copy(dirs, exporter_factory,
+                                                                    tmp_path):
+    """stap prints the module's file name before copying the module out of
+    its temporary directory; killed before that copy, the loader runs the
+    temporary directory's copy, which is kept in the cache all the same."""
+    scripts, _ = dirs
+    write_script(scripts, "slow.stp", "slow_copy=120")
+    cache = tmp_path / "cache"
+    exp = exporter_factory(["--cache-dir", str(cache)])
+    assert exp.get_until("/slow.stp", timeout=30).status == 200
+    pid, spawned = spawned_pid(exp, "slow.stp")
+    assert re.search(r"argv=\"\S*stapbpf stap\w{6}/%sslow\.bo\"" % re.escape(exp.module_prefix),
+                     spawned)
+    exp.wait_log(r"event=cache script=slow\.stp msg=\"kept the compiled module")
+    wait_for(lambda: process_group(pid) == [pid], message="the compiler to be gone")
+    workdir = os.readlink("/proc/%d/cwd" % pid)
+    assert not os.path.exists(os.path.join(workdir, exp.module_prefix + "slow.bo"))
 
 
 def test_max_starting_counts_compiling_starts_until_their_output(dirs, exporter_factory):
