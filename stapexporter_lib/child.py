@@ -31,6 +31,7 @@ import gevent.os
 from gevent import subprocess
 
 from . import naming, procfs, trust
+from .loaders import make_chain_output
 from .catalog import Script
 from .logs import escape_line
 from .offhub import in_pool
@@ -145,11 +146,14 @@ class ChildRun:
               prepare: Optional[Callable[[str], None]] = None) -> None:
         """Fork ARGV in WORKDIR (an earlier run's, handed over) or a fresh
         private working directory under WORKDIR_ROOT, filled by PREPARE (in
-        the thread pool), and start pumping its output.  Raises OSError or
+        the thread pool; a chained compile's also gets the FIFO its output
+        goes through), and start pumping its output.  Raises OSError or
         trust.Untrusted (and removes the directory) when it cannot."""
         try:
             self.workdir = workdir or tempfile.mkdtemp(
                 prefix=naming.workdir_prefix(os.getpid(), self.module), dir=workdir_root)
+            if self.chained:  # a metadata call in a new directory, as mkdtemp is
+                make_chain_output(self.workdir)
             if prepare is not None:
                 in_pool(prepare, self.workdir)
             env = dict(os.environ)

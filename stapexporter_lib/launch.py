@@ -159,8 +159,7 @@ class Launch:
                         prepare=lambda workdir: cache.place(kept, workdir, module + suffix))
         argv = plan.compile_argv(module, self.script.path)
         chained = plan.chained_argv(module, argv)
-        return Step(COMPILE, chained or argv, chained=bool(chained), shown=argv,
-                    prepare=loaders.make_chain_output if chained else None)
+        return Step(COMPILE, chained or argv, chained=bool(chained), shown=argv)
 
     def fall_back_to_driver(self, run: ChildRun) -> bool:
         """RUN, the loader alone on a module just compiled, exited before any

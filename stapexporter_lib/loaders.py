@@ -220,7 +220,8 @@ class Plan:
 
 def make_chain_output(workdir: str) -> None:
     """The FIFO a chained compile's standard output goes through, in its new
-    working directory WORKDIR (which only the exporter's user can enter)."""
+    working directory WORKDIR (which only the exporter's user can enter;
+    ``ChildRun.spawn`` makes it)."""
     os.mkfifo(os.path.join(workdir, CHAIN_OUTPUT), 0o600)
 
 
