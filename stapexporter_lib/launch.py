@@ -102,6 +102,8 @@ class Launch:
         self._annotator: Optional[Annotator] = None
         self._driver_reason: Optional[str] = None  # why this script now runs the driver way
         self._found: Optional[str] = None   # the cache entry read_script found for this start
+        self._to_keep: Optional[Tuple[str, str, str]] = None  # (workdir, module, cache name)
+        self._keeping: Optional[gevent.Greenlet] = None       # the copy into the cache
 
     def read_script(self) -> Optional[Annotator]:
         """Read the script file and look its module up in the cache (one
@@ -271,15 +273,29 @@ class Launch:
         return False
 
     def _keep_in_cache(self, workdir: str, source: str, suffix: str) -> bool:
-        """If WORKDIR holds the module SOURCE (ending in SUFFIX), copy it into
-        the cache off the start's path (the loader starts meanwhile); False
-        when it holds none."""
+        """If WORKDIR holds the module SOURCE (ending in SUFFIX), have it
+        copied into the cache once the start is over (``keep_compiled``);
+        False when it holds none."""
         if not _regular_file(os.path.join(workdir, source)):
             return False
         if self.digest is not None:
-            gevent.spawn(self._keep, workdir, source,
-                         self.direct.cache.key(self.digest, suffix, self.script.module))
+            self._to_keep = (workdir, source,
+                             self.direct.cache.key(self.digest, suffix, self.script.module))
         return True
+
+    def keep_compiled(self, leaving: Optional[str] = None) -> None:
+        """Copy the module this start compiled into the cache: once its first
+        output has been read, or at the latest before its working directory
+        LEAVING is removed (then the copy is finished first).  Not during
+        the start: the copy in the thread pool while the loader started and
+        the first read waited cost first metrics ~5 ms (bench/README.md)."""
+        pending = self._to_keep
+        if pending is not None and (leaving is None or pending[0] == leaving):
+            self._to_keep = None
+            self._keeping = gevent.spawn(self._keep, *pending)
+        if leaving is not None and self._keeping is not None:
+            self._keeping.join()
+            self._keeping = None
 
     def _keep(self, workdir: str, source: str, name: str) -> None:
         if self.direct.cache.store(workdir, source, name):
@@ -291,6 +307,8 @@ class Launch:
         compile's working directory."""
         pending, self._compiled = self._compiled, None
         if pending:
+            if self._to_keep is not None and self._to_keep[0] == pending[0]:
+                self._to_keep = None
             rmtree(pending[0])
 
     def spawn_error(self, argv: List[str], exc: Exception) -> Optional[str]:

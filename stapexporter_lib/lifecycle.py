@@ -361,6 +361,8 @@ class Lifecycle(ScriptState):
         FIFO directory after a SIGKILL), and forget the process."""
         run = self._run
         run.reap(self.config.stop_grace)
+        if run.workdir:
+            self._launch.keep_compiled(leaving=run.workdir)
         run.remove_workdir()
         remove_module_dirs(self.script.module, self.config.procfs_dirs)
         self._reader.path = None

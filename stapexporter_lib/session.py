@@ -153,6 +153,7 @@ class Session(Lifecycle):
                 else:
                     if self.serving:
                         self.output_ok()
+                    self._launch.keep_compiled()  # the start is over
                     return Outcome(Outcome.OK, body=data)
             if not self.serving:
                 # It exited (or is being stopped) while we waited.

@@ -219,6 +219,8 @@ def test_kept_module_survives_an_exporter_restart(dirs, tmp_path):
     try:
         first.get_until("/slow.stp")
         first.wait_log(r"event=compiling script=slow\.stp ")
+        # Kept once the first output was read (not during the start).
+        first.wait_log(r"event=cache script=slow\.stp msg=\"kept the compiled module")
         entries = os.listdir(str(cache))
         assert len(entries) == 1 and entries[0].endswith(".bo"), entries
         assert stat.S_IMODE(os.stat(str(cache)).st_mode) == 0o700
@@ -242,6 +244,25 @@ def test_kept_module_survives_an_exporter_restart(dirs, tmp_path):
     finally:
         stop_and_check(upgraded)
     assert len(os.listdir(str(cache))) == 2
+
+
+def test_a_module_is_kept_after_the_start_not_during_it(dirs, tmp_path):
+    """The copy into the cache waits until the script's first output has
+    been read (it slowed first metrics when it ran during the start), or
+    until its run ends: an autostart script nobody has scraped yet keeps
+    its module when it stops."""
+    scripts, procfs = dirs
+    cache = tmp_path / "cache"
+    write_script(scripts, "beat-autostart.stp")
+    exp = Exporter(scripts, procfs, args=["--cache-dir", str(cache)])
+    try:
+        exp.wait_log(r"event=running script=beat-autostart\.stp ")
+        assert os.listdir(str(cache)) == []
+    finally:
+        stop_and_check(exp)
+    assert exp.log_text().count("kept the compiled module") == 1
+    entries = os.listdir(str(cache))
+    assert len(entries) == 1 and entries[0].endswith(".bo"), entries
 
 
 def test_untrusted_cache_dir_is_refused_once(dirs, exporter_factory, tmp_path):
