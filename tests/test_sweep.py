@@ -6,11 +6,12 @@ The sweep looks at every process on the host, and other exporters (other
 test runs) sweep at the same time.  So each sweep scenario runs the daemon
 as pid 1 of a fresh pid namespace with its own /proc (``NsExporter``), with
 the planted processes inside it, and names as the "dead exporter" the pid of
-this pytest process: dead inside the namespace, alive (so left alone by
-everyone else) outside.  Directories are planted in a private sticky
+this pytest process (or of a sleeper, if the host's pids wrapped round):
+dead inside the namespace, alive (so left alone by everyone else) outside.  Directories are planted in a private sticky
 TMPDIR.  The attacker is a real unprivileged account (tests/localattack.py).
 """
 
+import atexit
 import os
 import re
 import signal
@@ -24,7 +25,24 @@ from conftest import (FAKESTAP, Exporter, processes_matching, stop_and_check, wa
                       write_script)
 from localattack import OpenWatch, Secret, attacker, shared  # noqa: F401 (fixtures)
 
-DEAD = os.getpid()  # the "dead exporter" (see the module docstring)
+
+
+def _alive_high_pid():
+    """A pid alive outside the test's pid namespaces and out of their reach
+    (above 1000): this pytest process's or, once the host's pid counter has
+    wrapped round, that of a sleeper kept while the tests run."""
+    if os.getpid() > 1000:
+        return os.getpid()
+    while True:
+        holder = subprocess.Popen(["sleep", "3600"])
+        if holder.pid > 1000:
+            atexit.register(holder.kill)
+            return holder.pid
+        holder.kill()
+        holder.wait()
+
+
+DEAD = _alive_high_pid()  # the "dead exporter" (see the module docstring)
 DEPTH = 1500        # deeper than Python's recursion limit
 
 
