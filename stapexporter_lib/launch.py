@@ -249,8 +249,8 @@ class Launch:
 
     def take_compiled(self, run: ChildRun) -> bool:
         """True if RUN was a compile that left a module and exited with
-        status 0 (a chained one not told to become the loader: without a
-        watch, or a kernel module).  Its working directory is taken over for
+        status 0 (a chained one whose compiler did not name a BPF module: a
+        kernel module, say).  Its working directory is taken over for
         the loader's run (spawned next).  A compile that failed, or left
         nothing, ends the start like any failing run."""
         if run.kind != COMPILE or run.returncode != 0:
@@ -290,12 +290,17 @@ class Launch:
         the start: the copy in the thread pool while the loader started and
         the first read waited cost first metrics ~5 ms (bench/README.md)."""
         pending = self._to_keep
-        if pending is not None and (leaving is None or pending[0] == leaving):
-            self._to_keep = None
-            self._keeping = gevent.spawn(self._keep, *pending)
-        if leaving is not None and self._keeping is not None:
+        if leaving is None:
+            if pending is not None:
+                self._to_keep = None
+                self._keeping = gevent.spawn(self._keep, *pending)
+            return
+        if self._keeping is not None:  # a copy under way: let it finish
             self._keeping.join()
             self._keeping = None
+        if pending is not None and pending[0] == leaving:
+            self._to_keep = None
+            self._keep(*pending)
 
     def _keep(self, workdir: str, source: str, name: str) -> None:
         if self.direct.cache.store(workdir, source, name):
