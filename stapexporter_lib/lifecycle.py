@@ -158,6 +158,12 @@ class Lifecycle(ScriptState):
         """The longest a stop can take (see ``child.stop_budget``)."""
         return stop_budget(self.config.stop_grace)
 
+    def _transition(self, new: str) -> None:
+        ending_start = self.state == STARTING and new != STARTING
+        super()._transition(new)
+        if ending_start:
+            self._launch.start_over()
+
     # -- in the watchdog greenlet -------------------------------------------
 
     def _spawn(self) -> None:
@@ -361,6 +367,7 @@ class Lifecycle(ScriptState):
         FIFO directory after a SIGKILL), and forget the process."""
         run = self._run
         run.reap(self.config.stop_grace)
+        self._launch.run_ended()
         if run.workdir:
             self._launch.keep_compiled(leaving=run.workdir)
         run.remove_workdir()

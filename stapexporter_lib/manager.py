@@ -37,6 +37,9 @@ class Manager:
         self.max_starting = max_starting
         self.clock = clock
         self._factory = session_factory
+        if config.direct_load is not None:
+            # What starts leave for later waits until none is compiling.
+            config.direct_load.after_starts.busy = lambda: self.compiling() > 0
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
@@ -89,11 +92,16 @@ class Manager:
         if len(live) >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
                     " when one stops" % len(live))
-        starting = sum(1 for s in live if s.compiling)
+        starting = self.compiling()
         if starting >= self.max_starting:
             return ("%d scripts are starting, the most allowed at once (--max-starting);"
                     " try again shortly" % starting)
         return None
+
+    def compiling(self) -> int:
+        """How many starts are compiling now (``Session.compiling``): what
+        --max-starting caps."""
+        return sum(1 for s in self.sessions.values() if s.live and s.compiling)
 
     def all(self) -> List[Session]:
         """A session for every known script (created lazily), sorted by name,
