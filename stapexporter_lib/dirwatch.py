@@ -5,8 +5,9 @@ file in its working directory saying which module it loads
 (``loaders.CHAIN_SCRIPT``); the exporter learns of it from here, to count
 the run as a load from then on and to keep the module in its cache.
 ``DirWatch`` tells the watchdog the moment a name is completed in a
-directory: renamed into it (``IN_MOVED_TO``) or closed after writing
-(``IN_CLOSE_WRITE``).  One inotify instance serves the whole exporter (one
+directory: closed after writing (``IN_CLOSE_WRITE``), as the shell writes
+its marker.  Names renamed into it do not count (stap renames its module
+into place on every compile: nobody waits for that).  One inotify instance serves the whole exporter (one
 watch per watched directory) and is read from a hub callback, without
 blocking and without a greenlet of its own.  Where inotify cannot be had
 (another kernel, or the per-user limits reached), ``watch`` returns None and
@@ -33,7 +34,6 @@ log = logging.getLogger("stap-exporter")
 
 # From <sys/inotify.h>.
 IN_CLOSE_WRITE = 0x00000008
-IN_MOVED_TO = 0x00000080
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
@@ -64,7 +64,7 @@ class Watch:
         self.names: Set[str] = set()
 
     def completed(self, name: str) -> bool:
-        """NAME was renamed into the directory, or closed after writing."""
+        """NAME was closed after writing in the directory."""
         return name in self.names
 
     def close(self) -> None:
@@ -86,7 +86,7 @@ class DirWatch:
         if not self._open():
             return None
         wd = _add_watch(self._fd, os.fsencode(directory),
-                        IN_MOVED_TO | IN_CLOSE_WRITE | IN_ONLYDIR | IN_DONT_FOLLOW)
+                        IN_CLOSE_WRITE | IN_ONLYDIR | IN_DONT_FOLLOW)
         if wd < 0:
             err = ctypes.get_errno()
             if err == errno.ENOSPC:  # fs.inotify.max_user_watches reached

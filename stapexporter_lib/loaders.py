@@ -15,8 +15,9 @@ as before; the reason is logged once.
 A compile for the BPF runtime is one process from start to running script
 (``chained_argv``): a small POSIX shell (``CHAIN_SCRIPT``, a constant: the
 command lines reach it as arguments, never as shell text) runs the compile,
-and when stap says its module is complete the shell has the compiler killed
-(its remaining work is its own clean-up) and becomes the loader (exec),
+and when stap says its module is complete the shell has the compiler stopped
+(its remaining work is its own clean-up; it is killed later, once no other
+start is compiling or with the loader) and becomes the loader (exec),
 keeping the exporter's death signal, without waiting for the exporter or for
 the compiler's exit.  It leaves a marker file saying which module it loads,
 so that the exporter keeps that module in its cache.  Otherwise (a failed
