@@ -62,14 +62,14 @@ MAX_DEFERRED = 32
 class AfterStarts:
     """What a start leaves to do once no start is compiling any more: killing
     its parked compiler (``loaders.CHAIN_SCRIPT``) and copying its module
-    into the cache.  The stap driver way pays for both (its compiler's exit,
-    no copy) only when the script stops; done at once, they took CPU from
-    the starts still compiling beside them.  BUSY says whether a start is
-    compiling (the manager's count: ``Manager.compiling``); until one is
-    given, nothing waits."""
+    into the cache.  The stap driver way pays for neither (its compiler's
+    exit, no copy) before the script stops; done at once, they took CPU from
+    the starts compiling beside them.  COMPILING counts the starts compiling
+    now (the manager's count: ``Manager.compiling``); until one is given,
+    nothing waits."""
 
-    def __init__(self, busy: Callable[[], bool] = lambda: False, limit: int = MAX_DEFERRED):
-        self.busy = busy
+    def __init__(self, compiling: Callable[[], int] = lambda: 0, limit: int = MAX_DEFERRED):
+        self.compiling = compiling
         self.limit = limit
         self._pending: "collections.OrderedDict[Hashable, Callable[[], None]]" = \
             collections.OrderedDict()
@@ -77,15 +77,20 @@ class AfterStarts:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def defer(self, key: Hashable, action: Callable[[], None]) -> None:
+    def defer(self, key: Hashable, action: Callable[[], None],
+              compiling_self: bool = False) -> None:
         """Run ACTION (quick, on the hub: it may spawn a greenlet) once no
-        start is compiling; KEY names it for ``take``."""
+        start is compiling, or at once if none is; KEY names it for
+        ``take``.  COMPILING_SELF: the caller's own start is still counted
+        as compiling, and does not hold its own action back."""
+        if self.compiling() <= (1 if compiling_self else 0):
+            action()
+            return
         self._pending[key] = action
         self._pending.move_to_end(key)
         while len(self._pending) > self.limit:
             _key, oldest = self._pending.popitem(last=False)
             oldest()
-        self.settle()
 
     def take(self, key: Hashable) -> Optional[Callable[[], None]]:
         """The action KEY names, no longer deferred (None if none is)."""
@@ -94,7 +99,7 @@ class AfterStarts:
     def settle(self) -> None:
         """Run everything deferred if no start is compiling now (called when
         a start ends, whatever ended it)."""
-        while self._pending and not self.busy():
+        while self._pending and self.compiling() == 0:
             _key, action = self._pending.popitem(last=False)
             action()
 
@@ -276,7 +281,7 @@ class Launch:
         source = self._chain_module(run.workdir, module_file)
         if source is not None:
             self._keep_in_cache(run.workdir, source, suffix)
-        self.direct.after_starts.defer((self, RELEASE), run.release_parked)
+        self.direct.after_starts.defer((self, RELEASE), run.release_parked, compiling_self=True)
         log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
                  self.script.module)
         log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.script.name, run.pid,

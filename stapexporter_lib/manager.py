@@ -39,7 +39,7 @@ class Manager:
         self._factory = session_factory
         if config.direct_load is not None:
             # What starts leave for later waits until none is compiling.
-            config.direct_load.after_starts.busy = lambda: self.compiling() > 0
+            config.direct_load.after_starts.compiling = self.compiling
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""

@@ -213,6 +213,15 @@ class Exporter:
         """Pids of live processes running one of this exporter's modules."""
         return processes_matching(self.module_prefix)
 
+    def settled_children(self, count, timeout=10.0):
+        """children() once there are COUNT of them: a chained compile's
+        stopped compiler and its parker go a moment after the loader has
+        taken over (at once, or when no other start is compiling)."""
+        def settled():
+            children = self.children()
+            return children if len(children) == count else None
+        return wait_for(settled, timeout=timeout, message="%d children" % count)
+
     def child_groups(self):
         """The process groups of children(): one per script start under way
         or running (a compile's group holds its shell, the subshell minding

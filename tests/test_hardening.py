@@ -316,7 +316,7 @@ def test_connection_cap(dirs, exporter_factory):
     write_script(scripts, "fifo.stp", "mode=fifo")
     exp = exporter_factory(["--max-connections", "5", "--scrape-timeout", "3"])
     exp.get_until("/fifo.stp")
-    (pid,) = exp.children()
+    (pid,) = exp.settled_children(1)
     os.kill(pid, signal.SIGSTOP)     # its writer freezes: scrapes wait 3 s
     held = [connect(exp, timeout=10) for _ in range(5)]
     try:
@@ -423,6 +423,7 @@ def exporter(dirs, exporter_factory):
     write_script(scripts, "quick.stp")
     exp = exporter_factory(env={"STAPEXP_TEST_CANARY": "canary-8d1f0e55a7"})
     exp.get_until("/quick.stp")
+    exp.settled_children(1)
     return exp
 
 
@@ -571,6 +572,7 @@ def test_scrape_timeout_header(dirs, exporter_factory):
     # A running FIFO script whose writer then freezes (SIGSTOP): the scrape
     # waits for output until its deadline.
     exp.get_until("/fifo.stp")
+    exp.settled_children(1)
     (pid,) = [p for p in exp.children() if "_fifo." in _cmdline(p)]  # stapbpf MODULE.bo
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -676,7 +678,7 @@ def test_max_scripts_cap(dirs, exporter_factory):
     assert r.status == 503, r
     assert "--max-scripts" in r.text
     assert r.header("Retry-After")
-    assert len(exp.children()) == 2
+    exp.settled_children(2)
     assert "event=spawned script=c.stp" not in exp.log_text()
 
 
@@ -821,7 +823,7 @@ def test_writer_dying_mid_output_is_not_200(dirs, exporter_factory):
                                                                  "__prometheus"))), None),
                     timeout=5, message="the FIFO")
     assert fifo
-    (pid,) = exp.children()
+    (pid,) = exp.settled_children(1)
     # fakestap opens the FIFO for writing once our request's read opened it,
     # writes half the output and stalls.
     wait_for(lambda: _has_open(pid, fifo), timeout=5, message="the writer to open the FIFO")

@@ -346,7 +346,7 @@ def test_symlinks_and_dotfiles(dirs, exporter_factory, tmp_path):
     exp.wait_log(r"ignoring outside\.stp: it links outside the scripts directory")
     for path in ("/outside.stp", "/.hidden.stp", "/dangling.stp", "/dir.stp"):
         assert exp.get(path).status == 404, path
-    assert len(exp.children()) == 1
+    exp.settled_children(1)
 
 
 def test_follow_symlinks_serves_links_to_outside(dirs, exporter_factory, tmp_path):
