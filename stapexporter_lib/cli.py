@@ -67,8 +67,8 @@ Options:
                             would start more get 503 [default: 256].
   --max-starting N          At most N starts that compile (or run stap or a
                             wrapper) at once, each until its output appears;
-                            loading a kept module does not count; requests
-                            that would start more get 503 [default: 4].
+                            loading a kept module does not count; more are
+                            queued and start in turn [default: 4].
   --max-connections N       At most N client connections at once; more get a
                             503 and are closed [default: 512].
   --scrape-timeout SECONDS  Longest a request waits for a running script's

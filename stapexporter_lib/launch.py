@@ -370,12 +370,6 @@ class Launch:
         if pending is not None:
             self._keeping = gevent.spawn(self._keep, *pending)
 
-    def start_over(self) -> None:
-        """The start has ended, whatever ended it: what waited for no start
-        to be compiling may run now."""
-        if self.direct is not None:
-            self.direct.after_starts.settle()
-
     def run_ended(self) -> None:
         """The run is gone: its parked compiler (if any) went with its
         loader, nothing is left to release."""

@@ -109,8 +109,10 @@ class Lifecycle(ScriptState):
                  clock: Callable[[], float] = time.monotonic,
                  popen=subprocess.Popen, wait: Waiter = wait_any,
                  killpg: Callable[[int, int], None] = os.killpg,
-                 kill: Callable[[int, int], None] = os.kill):
+                 kill: Callable[[int, int], None] = os.kill,
+                 start_over: Callable[[], None] = lambda: None):
         super().__init__(script, config, clock)
+        self._start_over = start_over  # called whenever a start ends
         self._os = Seams(clock=clock, wait=wait, popen=popen, killpg=killpg, kill=kill)
         self.starts = 0
         self.restarts = 0
@@ -133,6 +135,7 @@ class Lifecycle(ScriptState):
             return
         self._stop_requested = False
         self._backoff.reset()
+        self._launch.from_cache = False  # counted as compiling until its first step is known
         self._transition(STARTING)
         self._watchdog = gevent.spawn(self._watch)
 
@@ -162,7 +165,7 @@ class Lifecycle(ScriptState):
         ending_start = self.state == STARTING and new != STARTING
         super()._transition(new)
         if ending_start:
-            self._launch.start_over()
+            self._start_over()
 
     # -- in the watchdog greenlet -------------------------------------------
 

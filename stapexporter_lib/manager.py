@@ -5,6 +5,7 @@ Owns the sessions by name, the caps on starts (``--max-scripts``,
 parse HTTP, fork processes or read output (sessions do).
 """
 
+import collections
 import logging
 import time
 from typing import Callable, Dict, List, Optional
@@ -37,9 +38,12 @@ class Manager:
         self.max_starting = max_starting
         self.clock = clock
         self._factory = session_factory
-        if config.direct_load is not None:
+        # Sessions whose start waits for a --max-starting slot, oldest first.
+        self._queue: "collections.OrderedDict[str, Session]" = collections.OrderedDict()
+        self._after_starts = config.direct_load.after_starts if config.direct_load else None
+        if self._after_starts is not None:
             # What starts leave for later waits until none is compiling.
-            config.direct_load.after_starts.compiling = self.compiling
+            self._after_starts.compiling = self.compiling
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
@@ -80,7 +84,8 @@ class Manager:
             return None
         if session is None or session.script is not script:
             session = self.sessions[name] = self._factory(script, self.config, clock=self.clock,
-                                                          admit=self._admit)
+                                                          admit=self._admit,
+                                                          start_over=self._start_over)
         return session
 
     def _admit(self, session: Session) -> Optional[str]:
@@ -92,11 +97,40 @@ class Manager:
         if len(live) >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
                     " when one stops" % len(live))
+        self._start_queued()  # those queued before it go first
         starting = self.compiling()
         if starting >= self.max_starting:
+            if session.script.name not in self._queue:
+                log.info("queued: script=%s %d scripts are starting (--max-starting %d); it"
+                         " starts when one of them is done", session.name, starting,
+                         self.max_starting)
+            self._queue[session.script.name] = session
+            session.queued = True
             return ("%d scripts are starting, the most allowed at once (--max-starting);"
-                    " try again shortly" % starting)
+                    " this one is queued and starts as soon as one of them is done"
+                    % starting)
         return None
+
+    def _start_over(self) -> None:
+        """A start has ended (whatever ended it): start the queued scripts
+        the freed slots allow, then let what starts left for later run if
+        none is compiling any more."""
+        self._start_queued()
+        if self._after_starts is not None:
+            self._after_starts.settle()
+
+    def _start_queued(self) -> None:
+        """Start queued scripts, oldest first, while --max-starting allows."""
+        while self._queue and self.compiling() < self.max_starting:
+            name, session = self._queue.popitem(last=False)
+            session.queued = False
+            if self.shutting_down or self.get(name) is not session or session.live:
+                continue  # gone, changed, or started some other way meanwhile
+            if sum(1 for s in self.sessions.values() if s.live) >= self.max_running:
+                continue  # its request is answered (busy); the next one tries again
+            log.info("dequeued: script=%s starting (its turn under --max-starting)",
+                     session.name)
+            session.start()
 
     def compiling(self) -> int:
         """How many starts are compiling now (``Session.compiling``): what
@@ -148,6 +182,9 @@ class Manager:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Stop every script at once and wait; True if all stopped in time."""
         self.shutting_down = True
+        for session in self._queue.values():
+            session.queued = False
+        self._queue.clear()
         live = [s for s in self.sessions.values() if s.live]
         if not live:
             return True

@@ -61,6 +61,8 @@ LIFECYCLE_FAMILIES = (
      " non-zero or killed), exited (status 0 on its own), spawn_error.", ("outcome",)),
     (GaugeMetricFamily, "stap_exporter_script_output_bytes",
      "Size of the script's last output read, in bytes.", ()),
+    (GaugeMetricFamily, "stap_exporter_script_queued",
+     "1 while the script's start waits its turn under --max-starting.", ()),
 )
 COST_FAMILIES = (
     (CounterMetricFamily, "stap_exporter_script_cpu_seconds",
@@ -95,7 +97,7 @@ class SessionCollector:
         return self._lifecycle(sessions) + self._costs(sessions)
 
     def _lifecycle(self, sessions):
-        up, state, read, starts, restarts, exits, size = _families(LIFECYCLE_FAMILIES)
+        up, state, read, starts, restarts, exits, size, queued = _families(LIFECYCLE_FAMILIES)
         for s in sessions:
             name = s.name
             up.add_metric([name], 1 if s.state == RUNNING else 0)
@@ -107,7 +109,8 @@ class SessionCollector:
             for outcome in ("stopped", "error", "exited", "spawn_error"):
                 exits.add_metric([name, outcome], s.exits.get(outcome, 0))
             size.add_metric([name], s.last_output_bytes)
-        return [up, state, read, starts, restarts, exits, size]
+            queued.add_metric([name], 1 if s.queued else 0)
+        return [up, state, read, starts, restarts, exits, size, queued]
 
     def _costs(self, sessions):
         cpu, memory, start = _families(COST_FAMILIES)

@@ -27,7 +27,8 @@ START_WAIT = 1.0
 LOCATE_INTERVAL = 0.05
 
 # Retry-After (seconds) of answers that are not the output.
-RETRY_BUSY = 5           # a cap on running or starting scripts refused the start
+RETRY_BUSY = 5           # a cap on running scripts refused the start
+RETRY_QUEUED = 2         # the start waits its turn (--max-starting)
 RETRY_STOPPING = 1       # stopping: the next request starts it again
 RETRY_STARTING = 2       # starting (compiling)
 RETRY_UNAVAILABLE = 1    # running, but the output could not be read
@@ -74,10 +75,13 @@ class Session(Lifecycle):
                  clock: Callable[[], float] = time.monotonic,
                  popen=subprocess.Popen, admit: Optional[Callable[["Session"], Optional[str]]] = None,
                  wait: Waiter = wait_any, killpg: Callable[[int, int], None] = os.killpg,
-                 kill: Callable[[int, int], None] = os.kill):
+                 kill: Callable[[int, int], None] = os.kill,
+                 start_over: Callable[[], None] = lambda: None):
         super().__init__(script, config, clock=clock, popen=popen, wait=wait, killpg=killpg,
-                         kill=kill)
+                         kill=kill, start_over=start_over)
         self._admit = admit
+        # Its start waits for a --max-starting slot (the manager's queue).
+        self.queued = False
 
     def scrape(self, timeout: float) -> Outcome:
         """Answer one request: start the script if needed, and read its output
@@ -107,11 +111,19 @@ class Session(Lifecycle):
             outcome = Outcome(Outcome.FAILED, message=self.failure_report())
             self._transition(STOPPED)
             return outcome
+        start_wait = None
         if self.state in STARTABLE_STATES and not self.live:
             refusal = self._admit(self) if self._admit is not None else None
-            if refusal:
+            if refusal and not self.queued:
                 return Outcome(Outcome.BUSY, message=refusal, retry_after=RETRY_BUSY)
-            self.start()
+            if refusal:
+                waited = self._wait_for_turn(min(timeout, self.config.start_wait))
+                if self.queued:
+                    return Outcome(Outcome.BUSY, message=refusal, retry_after=RETRY_QUEUED)
+                timeout -= waited
+                start_wait = max(0.0, self.config.start_wait - waited)
+            else:
+                self.start()
         if self.state == STOPPING:
             return not_ready("The script is stopping; it will start again on the next"
                              " request.", RETRY_STOPPING)
@@ -120,7 +132,18 @@ class Session(Lifecycle):
             return not_ready("The script exited (%s) and will be restarted in %.0f s.\n%s"
                              % (self.last_error or "", wait, self._tail_text()),
                              max(RETRY_MIN, round(wait)))
-        return self._read_live(timeout)
+        return self._read_live(timeout, start_wait)
+
+    def _wait_for_turn(self, budget: float) -> float:
+        """Wait at most BUDGET seconds for the manager to start this queued
+        script; the seconds waited."""
+        began = self.clock()
+        while self.queued:
+            remaining = began + budget - self.clock()
+            if remaining <= 0:
+                break
+            self._os.wait([self._changed], remaining)
+        return self.clock() - began
 
     def failure_report(self) -> str:
         text = "The script %s failed: %s." % (self.name, self.last_error or "unknown error")
@@ -129,9 +152,11 @@ class Session(Lifecycle):
             text += "\nLast lines of its standard error:\n" + tail
         return text
 
-    def _read_live(self, timeout: float) -> Outcome:
+    def _read_live(self, timeout: float, start_wait: Optional[float] = None) -> Outcome:
         starting = self.state == STARTING
-        budget = min(timeout, self.config.start_wait) if starting else timeout
+        if start_wait is None:
+            start_wait = self.config.start_wait
+        budget = min(timeout, start_wait) if starting else timeout
         deadline = self.clock() + budget
         while True:
             path = self._reader.locate() if self.serving else self._reader.path

@@ -696,6 +696,30 @@ def test_max_starting_cap(dirs, exporter_factory):
     assert "event=spawned script=slow2.stp" not in exp.log_text()
 
 
+def test_a_start_over_max_starting_waits_its_turn(dirs, exporter_factory):
+    """Over --max-starting a request's start is queued, not dropped: the
+    request gets 503 when its turn does not come within the start wait, and
+    the script starts by itself once the start before it is done, so the
+    next scrape finds it running (Prometheus would otherwise retry only a
+    scrape interval later, and be refused again in a burst)."""
+    scripts, _ = dirs
+    write_script(scripts, "slow.stp", "compile=4")
+    write_script(scripts, "next.stp")
+    exp = exporter_factory(["--max-starting", "1"])
+    assert exp.get("/slow.stp").status == 503
+    r = exp.get("/next.stp")
+    assert r.status == 503 and r.header("Retry-After") == "2", r
+    assert "--max-starting" in r.text and "queued" in r.text, r.text
+    exp.wait_log(r"event=queued script=next\.stp ")
+    metrics = exp.get("/metrics").text
+    assert 'stap_exporter_script_queued{script="next.stp"} 1.0' in metrics, metrics
+    assert 'stap_exporter_script_queued{script="slow.stp"} 0.0' in metrics
+    exp.wait_log(r"event=dequeued script=next\.stp ", timeout=15)
+    assert 'stap_exporter_script_queued{script="next.stp"} 0.0' in exp.get("/metrics").text
+    assert exp.log_text().count('"GET /next.stp ') == 1  # it started with no new request
+    assert exp.get_until("/next.stp").status == 200
+
+
 # -- 10. path traversal ------------------------------------------------------------
 
 

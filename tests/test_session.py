@@ -412,12 +412,15 @@ def test_output_cut_short_by_an_exit_is_an_error():
 # -- the manager's caps, with sessions on the fake process ---------------------------
 
 
-def test_manager_caps_refuse_starts_with_busy(world, tmp_path):
+def test_manager_queues_starts_over_max_starting(world, tmp_path):
+    """Over --max-starting, a request's start is queued: the request waits
+    for its turn within the start wait, then gets busy (Retry-After 2); the
+    script starts by itself as soon as a start ends, oldest first."""
     make, vt, fake, procfs_dir = world
     from stapexporter_lib.catalog import Catalog
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    for name in ("a.stp", "b.stp"):
+    for name in ("a.stp", "b.stp", "c.stp"):
         (scripts / name).write_text("probe begin {}\n")
     catalog = Catalog(str(scripts), pid=1)
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
@@ -425,22 +428,30 @@ def test_manager_caps_refuse_starts_with_busy(world, tmp_path):
                            workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
                            direct_load=None, insecure_scripts=False)
 
-    def factory(script, config, clock, admit):
-        return Session(script, config, clock=clock, admit=admit, popen=fake.popen,
-                       wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
-    manager = Manager(catalog, config, max_running=2, max_starting=1, clock=vt.clock,
+    def factory(script, config, clock, admit, start_over):
+        return Session(script, config, clock=clock, admit=admit, start_over=start_over,
+                       popen=fake.popen, wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
+    manager = Manager(catalog, config, max_running=3, max_starting=1, clock=vt.clock,
                       session_factory=factory)
     manager.start()
     first = gevent.spawn(manager.get("a.stp").scrape, 5)
     spawned(fake, 1)
-    busy = manager.get("b.stp").scrape(5)
-    assert busy.kind == Outcome.BUSY and busy.retry_after == 5
-    assert "1 scripts are starting" in busy.message and "--max-starting" in busy.message
+    second = gevent.spawn(manager.get("b.stp").scrape, 5)
+    third = gevent.spawn(manager.get("c.stp").scrape, 5)
+    settle(lambda: manager.get("c.stp").queued, "c.stp to be queued")
     vt.advance(0.5)
+    for waiting in (second, third):
+        busy = waiting.get(timeout=SETTLE)
+        assert busy.kind == Outcome.BUSY and busy.retry_after == 2
+        assert "1 scripts are starting" in busy.message and "--max-starting" in busy.message
+        assert "queued" in busy.message
     assert first.get(timeout=SETTLE).kind == Outcome.NOT_READY
-    assert len(fake.procs) == 1
+    assert len(fake.procs) == 1  # b and c wait their turn
+    fake.last.exit(1)            # a's start ends: b (queued first) starts, c still waits
+    assert "b.stp" in " ".join(spawned(fake, 2).argv)
+    assert manager.get("b.stp").state == "starting" and manager.get("c.stp").queued
     assert manager.shutdown(timeout=SETTLE)
-    assert manager.get("a.stp").state == "stopped"
+    assert not manager.get("c.stp").queued and len(fake.procs) == 2
 
 
 # -- honest states (issue 11): running once the output exists, refused, backoff -----
