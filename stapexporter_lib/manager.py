@@ -130,6 +130,7 @@ class Manager:
                 continue  # its request is answered (busy); the next one tries again
             log.info("dequeued: script=%s starting (its turn under --max-starting)",
                      session.name)
+            session.touch()  # asked for: its idle time counts from its start
             session.start()
 
     def compiling(self) -> int:

@@ -415,7 +415,9 @@ def test_output_cut_short_by_an_exit_is_an_error():
 def test_manager_queues_starts_over_max_starting(world, tmp_path):
     """Over --max-starting, a request's start is queued: the request waits
     for its turn within the start wait, then gets busy (Retry-After 2); the
-    script starts by itself as soon as a start ends, oldest first."""
+    script starts by itself as soon as a start ends (here: the first one,
+    idle for --keepalive, is stopped), oldest first, and its idle time
+    counts from that start, not from the request that queued it."""
     make, vt, fake, procfs_dir = world
     from stapexporter_lib.catalog import Catalog
     scripts = tmp_path / "scripts"
@@ -424,7 +426,7 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
         (scripts / name).write_text("probe begin {}\n")
     catalog = Catalog(str(scripts), pid=1)
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
-                           keepalive=None, start_wait=0.5, stop_grace=5.0,
+                           keepalive=1.0, start_wait=0.5, stop_grace=5.0,
                            workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
                            direct_load=None, insecure_scripts=False)
 
@@ -447,9 +449,12 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
         assert "queued" in busy.message
     assert first.get(timeout=SETTLE).kind == Outcome.NOT_READY
     assert len(fake.procs) == 1  # b and c wait their turn
-    fake.last.exit(1)            # a's start ends: b (queued first) starts, c still waits
-    assert "b.stp" in " ".join(spawned(fake, 2).argv)
+    vt.advance(1.0)              # a is idle: stopped; b (queued first) starts, c waits
+    b = spawned(fake, 2)
+    assert "b.stp" in " ".join(b.argv)
     assert manager.get("b.stp").state == "starting" and manager.get("c.stp").queued
+    vt.advance(0.5)              # 2 s after b's request, 0.5 s after its start
+    assert not [sig for pid, sig in fake.signals if pid == b.pid]
     assert manager.shutdown(timeout=SETTLE)
     assert not manager.get("c.stp").queued and len(fake.procs) == 2
 
