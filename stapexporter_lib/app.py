@@ -291,7 +291,8 @@ class App:
             output_bytes=s.last_output_bytes, output_read=s.output_read,
             cpu_seconds=cost.cpu_seconds if cost else None,
             resident_bytes=cost.resident_bytes if cost else None,
-            last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in())
+            last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in(),
+            queued=s.queued)
 
 
 _date_cache = [0, ""]

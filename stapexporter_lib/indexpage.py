@@ -51,6 +51,7 @@ class ScriptRow(NamedTuple):
     last_error: Optional[str]      # for refused and backoff: the reason
     stderr_tail: Sequence[str]     # shown only with an error
     retry_in: Optional[float] = None  # backoff, refused autostart: next try in (s)
+    queued: bool = False           # its start waits its turn under --max-starting
 
 
 class Page(NamedTuple):
@@ -104,8 +105,10 @@ def output_cell(row: ScriptRow) -> str:
 
 def reason(row: ScriptRow) -> str:
     """The last error (for ``refused`` and ``backoff``: why), with when the
-    next try comes; '-' for none."""
+    next try comes, or that the start is queued; '-' for none."""
     text = row.last_error or ""
+    if row.queued:
+        text = "queued: starts when a --max-starting slot frees"
     if row.retry_in is not None:
         then = "restarting" if row.state == "backoff" else "checking again"
         text = "%s (%s in %s)" % (text or row.state, then, duration(row.retry_in))

@@ -714,6 +714,8 @@ def test_a_start_over_max_starting_waits_its_turn(dirs, exporter_factory):
     metrics = exp.get("/metrics").text
     assert 'stap_exporter_script_queued{script="next.stp"} 1.0' in metrics, metrics
     assert 'stap_exporter_script_queued{script="slow.stp"} 0.0' in metrics
+    index = exp.get("/").text
+    assert "queued: starts when a --max-starting slot frees" in index, index
     exp.wait_log(r"event=dequeued script=next\.stp ", timeout=15)
     assert 'stap_exporter_script_queued{script="next.stp"} 0.0' in exp.get("/metrics").text
     assert exp.log_text().count('"GET /next.stp ') == 1  # it started with no new request
