@@ -31,7 +31,7 @@ import gevent.os
 from gevent import subprocess
 
 from . import naming, procfs, trust
-from .loaders import CHAIN_PARK, make_chain_fifos
+from .loaders import make_chain_output
 from .catalog import Script
 from .logs import escape_line
 from .offhub import in_pool
@@ -153,7 +153,7 @@ class ChildRun:
             self.workdir = workdir or tempfile.mkdtemp(
                 prefix=naming.workdir_prefix(os.getpid(), self.module), dir=workdir_root)
             if self.chained:  # a metadata call in a new directory, as mkdtemp is
-                make_chain_fifos(self.workdir)
+                make_chain_output(self.workdir)
             if prepare is not None:
                 in_pool(prepare, self.workdir)
             env = dict(os.environ)
@@ -253,25 +253,6 @@ class ChildRun:
         self.kind = kind
         self.chained = False
         self.spawned_at = self._os.clock()
-
-    def release_parked(self) -> None:
-        """Have the compiler that a chained compile left stopped
-        (``loaders.CHAIN_SCRIPT``) killed now: a line into the FIFO its
-        parker reads.  Nothing when there is none (no reader: ENXIO), or the
-        run is gone."""
-        if not self.workdir:
-            return
-        try:
-            fd = os.open(os.path.join(self.workdir, CHAIN_PARK),
-                         os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            os.write(fd, b"\n")
-        except OSError:
-            pass
-        finally:
-            trust.close_now(fd)
 
     def terminate(self, grace: float) -> None:
         """SIGTERM the group leader, and SIGKILL the group if the leader is

@@ -21,12 +21,11 @@ Owns those choices for one script.  Must not spawn, signal or wait for
 processes (``child.py``), or decide when to start (``session.py``).
 """
 
-import collections
 import dataclasses
 import logging
 import os
 import stat
-from typing import Callable, Hashable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import gevent
 
@@ -48,71 +47,14 @@ DRIVER = "driver"     # STAP -m MODULE FILE
 COMPILE = "compile"   # STAP -p4 -m MODULE FILE
 LOAD = "load"         # the loader alone, on the compiled module
 
-# What a start defers until no start is compiling (AfterStarts keys).
-RELEASE = "release"   # kill the chain's parked compiler
-KEEP = "keep"         # copy the new module into the cache
-
-
-# The most actions AfterStarts holds back (two per start at most: a parked
-# compiler and a cache copy); past that the oldest runs at once.  A parked
-# compiler holds its memory (16-40 MB for a BPF script) until released.
-MAX_DEFERRED = 32
-
-
-class AfterStarts:
-    """What a start leaves to do once no start is compiling any more: killing
-    its parked compiler (``loaders.CHAIN_SCRIPT``) and copying its module
-    into the cache.  The stap driver way pays for neither (its compiler's
-    exit, no copy) before the script stops; done at once, they took CPU from
-    the starts compiling beside them.  COMPILING counts the starts compiling
-    now (the manager's count: ``Manager.compiling``); until one is given,
-    nothing waits."""
-
-    def __init__(self, compiling: Callable[[], int] = lambda: 0, limit: int = MAX_DEFERRED):
-        self.compiling = compiling
-        self.limit = limit
-        self._pending: "collections.OrderedDict[Hashable, Callable[[], None]]" = \
-            collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def defer(self, key: Hashable, action: Callable[[], None],
-              compiling_self: bool = False) -> None:
-        """Run ACTION (quick, on the hub: it may spawn a greenlet) once no
-        start is compiling, or at once if none is; KEY names it for
-        ``take``.  COMPILING_SELF: the caller's own start is still counted
-        as compiling, and does not hold its own action back."""
-        if self.compiling() <= (1 if compiling_self else 0):
-            action()
-            return
-        self._pending[key] = action
-        self._pending.move_to_end(key)
-        while len(self._pending) > self.limit:
-            _key, oldest = self._pending.popitem(last=False)
-            oldest()
-
-    def take(self, key: Hashable) -> Optional[Callable[[], None]]:
-        """The action KEY names, no longer deferred (None if none is)."""
-        return self._pending.pop(key, None)
-
-    def settle(self) -> None:
-        """Run everything deferred if no start is compiling now (called when
-        a start ends, whatever ended it)."""
-        while self._pending and self.compiling() == 0:
-            _key, action = self._pending.popitem(last=False)
-            action()
-
 
 @dataclasses.dataclass
 class DirectLoad:
     """Compile-then-load for plain scripts: how the --stap options split
-    between translator and loader, where compiled modules are kept, and what
-    waits until no start is compiling."""
+    between translator and loader, and where compiled modules are kept."""
 
     plan: loaders.Plan
     cache: compiled.ModuleCache
-    after_starts: AfterStarts = dataclasses.field(default_factory=AfterStarts)
 
 
 @dataclasses.dataclass
@@ -281,7 +223,6 @@ class Launch:
         source = self._chain_module(run.workdir, module_file)
         if source is not None:
             self._keep_in_cache(run.workdir, source, suffix)
-        self.direct.after_starts.defer((self, RELEASE), run.release_parked, compiling_self=True)
         log.info("compiled: script=%s pid=%d module=%s", self.script.name, run.pid,
                  self.script.module)
         log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.script.name, run.pid,
@@ -344,37 +285,22 @@ class Launch:
 
     def keep_compiled(self, leaving: Optional[str] = None) -> None:
         """Copy the module this start compiled into the cache: once its first
-        output has been read and no other start is compiling
-        (``AfterStarts``), or at the latest before its working directory
+        output has been read, or at the latest before its working directory
         LEAVING is removed (then the copy is finished first).  Not during
-        starts: the copy in the thread pool while the loader started and
+        the start: the copy in the thread pool while the loader started and
         the first read waited cost first metrics ~5 ms (bench/README.md)."""
-        if self._to_keep is None and self._keeping is None:
-            return
-        after = self.direct.after_starts
+        pending = self._to_keep
         if leaving is None:
-            if self._to_keep is not None:
-                after.defer((self, KEEP), self._start_keeping)
+            if pending is not None:
+                self._to_keep = None
+                self._keeping = gevent.spawn(self._keep, *pending)
             return
-        after.take((self, KEEP))
         if self._keeping is not None:  # a copy under way: let it finish
             self._keeping.join()
             self._keeping = None
-        pending = self._to_keep
         if pending is not None and pending[0] == leaving:
             self._to_keep = None
             self._keep(*pending)
-
-    def _start_keeping(self) -> None:
-        pending, self._to_keep = self._to_keep, None
-        if pending is not None:
-            self._keeping = gevent.spawn(self._keep, *pending)
-
-    def run_ended(self) -> None:
-        """The run is gone: its parked compiler (if any) went with its
-        loader, nothing is left to release."""
-        if self.direct is not None:
-            self.direct.after_starts.take((self, RELEASE))
 
     def _keep(self, workdir: str, source: str, name: str) -> None:
         if self.direct.cache.store(workdir, source, name):
@@ -388,7 +314,6 @@ class Launch:
         if pending:
             if self._to_keep is not None and self._to_keep[0] == pending[0]:
                 self._to_keep = None
-                self.direct.after_starts.take((self, KEEP))
             rmtree(pending[0])
 
     def spawn_error(self, argv: List[str], exc: Exception) -> Optional[str]:

@@ -370,7 +370,6 @@ class Lifecycle(ScriptState):
         FIFO directory after a SIGKILL), and forget the process."""
         run = self._run
         run.reap(self.config.stop_grace)
-        self._launch.run_ended()
         if run.workdir:
             self._launch.keep_compiled(leaving=run.workdir)
         run.remove_workdir()

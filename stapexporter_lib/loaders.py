@@ -15,9 +15,8 @@ as before; the reason is logged once.
 A compile for the BPF runtime is one process from start to running script
 (``chained_argv``): a small POSIX shell (``CHAIN_SCRIPT``, a constant: the
 command lines reach it as arguments, never as shell text) runs the compile,
-and when stap says its module is complete the shell has the compiler stopped
-(its remaining work is its own clean-up; it is killed later, once no other
-start is compiling or with the loader) and becomes the loader (exec),
+and when stap says its module is complete the shell has the compiler killed
+(its remaining work is its own clean-up) and becomes the loader (exec),
 keeping the exporter's death signal, without waiting for the exporter or for
 the compiler's exit.  It leaves a marker file saying which module it loads,
 so that the exporter keeps that module in its cache.  Otherwise (a failed
@@ -45,51 +44,38 @@ LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
 # The shell that runs a compile and then becomes the loader, with arguments
 # N, the module's file name, the loader's N words before it, then the
 # compile's words; it runs in the run's working directory, which holds the
-# FIFOs ``CHAIN_OUTPUT`` and ``CHAIN_PARK`` (made by ``make_chain_fifos``) and
-# is the compile's TMPDIR.  The compiler runs under a subshell (the
-# "minder"), never as the shell's own child.  stap prints the module's file
-# name on its standard output (the FIFO) once the module is complete in its
-# temporary directory, before copying it to the working directory and
-# removing that directory; the minder reads that line and stops the compiler
-# at once (SIGSTOP: what is left of its work is that copy, its clean-up and
-# freeing tens of MB, none of which the loader needs), picks the module's
-# complete copy, writes its path to ``CHAIN_MARKER`` and exits; the shell
-# then execs the loader on it.  The copy in the working directory is taken if
-# stap had renamed it into place (then it may also have started removing its
-# temporary directory); else stap was stopped before that rename and, its
-# next step never taken, the temporary directory's copy stays.  No step waits
-# for the exporter.  The stopped compiler is "parked": a small subshell (the
-# "parker") kills it (SIGKILL) as soon as a line can be read from
-# ``CHAIN_PARK`` or all its writers are gone.  The shell holds that FIFO open
-# for writing and the loader inherits it, so the compiler is killed when the
-# exporter writes a line there (``ChildRun.release_parked``: once no other
-# start is compiling, so that its exit does not take CPU from them), or at
-# the latest when the loader ends however it ends (a stop, its own exit, the
-# exporter's death signal); the exporter reaps it (a child subreaper), so no
-# zombie hangs under the loader.  Once the compiler is stopped, the minder
-# and the parker ignore SIGTERM: the parker alone decides its end.  Any other
-# line, or none (a failed compile, a kernel module), and the shell ends with
-# the compiler's status.  SIGTERM during the compile (the exporter's stop, or
-# its death signal) is passed on to the compiler (stap then removes its
-# temporary files), and the shell dies of it as the compiler alone would have.
+# FIFO ``CHAIN_OUTPUT`` (made by ``make_chain_output``) and is the compile's
+# TMPDIR.  The compiler runs under a subshell (the "minder"), never as the
+# shell's own child.  stap prints the module's file name on its standard
+# output (the FIFO) once the module is complete in its temporary directory,
+# before copying it to the working directory and removing that directory;
+# the minder reads that line, SIGKILLs the compiler at once (what is left of
+# its work is that copy and clean-up, and freeing tens of MB), picks the
+# module's complete copy, writes its path to ``CHAIN_MARKER`` and exits; the
+# shell then execs the loader on it.  The copy in the working directory is
+# taken if stap had renamed it into place (then it may also have started
+# removing its temporary directory); else stap was killed before that rename
+# and, its next step never taken, the temporary directory's copy stays.  No
+# step waits for the exporter, and the compiler's exit goes on beside the
+# loader's start; the orphan is reaped by the exporter (a child subreaper), so
+# no zombie hangs under the loader.  Any other line, or none (a failed
+# compile, a kernel module), and the shell ends with the compiler's status.
+# SIGTERM (the exporter's stop, or its death signal) is passed on to the
+# compiler (stap then removes its temporary files), and the shell dies of it
+# as the compiler alone would have.
 CHAIN_SHELL = "/bin/sh"
 CHAIN_OUTPUT = "chain.out"
-CHAIN_PARK = "chain.park"
 CHAIN_MARKER = "chain.loading"
 CHAIN_SCRIPT = """\
 trap 'kill -TERM "$c" 2>/dev/null; trap - TERM; kill -TERM $$' TERM
 n=$1; m=$2; shift 2
-exec 3<>@PARK@
 (
-exec 3>&- 4<@PARK@
 trap 'kill -TERM "$s" 2>/dev/null; exit 143' TERM
-shift "$n"; "$@" >@OUTPUT@ 4<&- & s=$!
+shift "$n"; "$@" >@OUTPUT@ & s=$!
 IFS= read -r line <@OUTPUT@
 [ "$line" = "$m" ] || { wait "$s"; exit; }
-trap '' TERM
-kill -STOP "$s"
+kill -KILL "$s"
 [ -f "$m" ] || for d in stap??????/; do [ -f "$d$m" ] && m=$d$m; done
-(IFS= read -r x <&4; kill -KILL "$s") >/dev/null 2>&1 &
 printf '%s\\n' "$m" >@MARKER@
 ) &
 c=$!
@@ -99,8 +85,7 @@ wait "$c"; s=$?
 [ -f @MARKER@ ] || exit "$s"
 IFS= read -r m <@MARKER@
 exec "$@" "$m"
-""".replace("@OUTPUT@", CHAIN_OUTPUT).replace("@PARK@", CHAIN_PARK).replace(
-    "@MARKER@", CHAIN_MARKER)
+""".replace("@OUTPUT@", CHAIN_OUTPUT).replace("@MARKER@", CHAIN_MARKER)
 CHAINED_SUFFIX = ".bo"
 
 # Translator-only options (the module they produce is all the loader needs).
@@ -175,7 +160,7 @@ class Plan:
     def chained_argv(self, module: str, compile_argv: List[str]) -> Optional[List[str]]:
         """The command line of COMPILE_ARGV becoming the BPF loader once its
         module is complete (``CHAIN_SCRIPT``; its working directory needs
-        ``make_chain_fifos``), or None when that loader would refuse these
+        ``make_chain_output``), or None when that loader would refuse these
         options, or there is no shell or no stap to run."""
         if not self._chainable():
             return None  # the exporter's own spawn says plainly what it cannot run
@@ -233,12 +218,11 @@ class Plan:
         return self._loaders[suffix]
 
 
-def make_chain_fifos(workdir: str) -> None:
-    """The FIFOs of a chained compile (its standard output, and the one that
-    keeps its compiler parked), in its new working directory WORKDIR (which
-    only the exporter's user can enter; ``ChildRun.spawn`` makes it)."""
-    for name in (CHAIN_OUTPUT, CHAIN_PARK):
-        os.mkfifo(os.path.join(workdir, name), 0o600)
+def make_chain_output(workdir: str) -> None:
+    """The FIFO a chained compile's standard output goes through, in its new
+    working directory WORKDIR (which only the exporter's user can enter;
+    ``ChildRun.spawn`` makes it)."""
+    os.mkfifo(os.path.join(workdir, CHAIN_OUTPUT), 0o600)
 
 
 def chain_marker_path(text: str, module_file: str) -> Optional[str]:

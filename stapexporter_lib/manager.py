@@ -40,10 +40,6 @@ class Manager:
         self._factory = session_factory
         # Sessions whose start waits for a --max-starting slot, oldest first.
         self._queue: "collections.OrderedDict[str, Session]" = collections.OrderedDict()
-        self._after_starts = config.direct_load.after_starts if config.direct_load else None
-        if self._after_starts is not None:
-            # What starts leave for later waits until none is compiling.
-            self._after_starts.compiling = self.compiling
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
@@ -85,7 +81,7 @@ class Manager:
         if session is None or session.script is not script:
             session = self.sessions[name] = self._factory(script, self.config, clock=self.clock,
                                                           admit=self._admit,
-                                                          start_over=self._start_over)
+                                                          start_over=self._start_queued)
         return session
 
     def _admit(self, session: Session) -> Optional[str]:
@@ -111,16 +107,10 @@ class Manager:
                     % starting)
         return None
 
-    def _start_over(self) -> None:
-        """A start has ended (whatever ended it): start the queued scripts
-        the freed slots allow, then let what starts left for later run if
-        none is compiling any more."""
-        self._start_queued()
-        if self._after_starts is not None:
-            self._after_starts.settle()
-
     def _start_queued(self) -> None:
-        """Start queued scripts, oldest first, while --max-starting allows."""
+        """Start queued scripts, oldest first, while --max-starting allows
+        (called whenever a start ends, whatever ended it, and before a new
+        request may take a slot)."""
         while self._queue and self.compiling() < self.max_starting:
             name, session = self._queue.popitem(last=False)
             session.queued = False

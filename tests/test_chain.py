@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from conftest import pid_alive, wait_for
-from stapexporter_lib.loaders import CHAIN_MARKER, CHAIN_PARK, CHAIN_SCRIPT, make_chain_fifos
+from stapexporter_lib.loaders import CHAIN_MARKER, CHAIN_SCRIPT, make_chain_output
 
 SHELLS = sorted({path for path in ["/bin/sh"] + [shutil.which(n) for n in ("dash", "bash")]
                  if path})
@@ -74,40 +74,14 @@ print(open(sys.argv[-1]).read())
 """
 
 
-# A stand-in loader that runs until it is killed.
-RUNNING_LOADER = "import time; time.sleep(120)"
-
-
-def chain(shell, tmp_path, *compiler_args, loader_code=LOADER):
-    make_chain_fifos(str(tmp_path))
-    loader = [sys.executable, "-c", loader_code] + AWKWARD
+def chain(shell, tmp_path, *compiler_args):
+    make_chain_output(str(tmp_path))
+    loader = [sys.executable, "-c", LOADER] + AWKWARD
     compiler = [sys.executable, "-c", COMPILER] + list(compiler_args)
     return subprocess.Popen([shell, "-c", CHAIN_SCRIPT, "stap-exporter-chain", str(len(loader)),
                              "m.bo"] + loader + compiler, cwd=str(tmp_path),
                             env=dict(os.environ, TMPDIR=str(tmp_path)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-def state(pid):
-    """PID's state letter (R, S, T...), None once it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def parked(shell, tmp_path):
-    """A chain whose loader runs on, and its compiler's pid, once the
-    compiler is stopped (parked) and the shell has become the loader."""
-    proc = chain(shell, tmp_path, "print-after-rename", "0", "linger",
-                 loader_code=RUNNING_LOADER)
-    compiler, _parent = compiler_pids(tmp_path)
-    wait_for(lambda: state(compiler) == "T", message="the compiler to be stopped")
-    wait_for(lambda: b"time.sleep(120)" in open("/proc/%d/cmdline" % proc.pid, "rb").read(),
-             message="the shell to become the loader")
-    return proc, compiler
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def compiler_pids(tmp_path):
@@ -183,51 +157,3 @@ def test_sigterm_is_passed_on_to_the_compiler(shell, tmp_path):
     assert out == b""
     wait_for(lambda: not pid_alive(compiler), message="the compiler to be gone")
     assert (tmp_path / "cleaned-up").exists()
-
-
-@pytest.mark.parametrize("shell", SHELLS)
-def test_the_parked_compiler_is_killed_on_a_line(shell, tmp_path):
-    """The compiler stays stopped while the loader runs, until a line comes
-    through the park FIFO (the exporter's release); the loader runs on."""
-    proc, compiler = parked(shell, tmp_path)
-    try:
-        assert state(compiler) == "T"
-        with open(str(tmp_path / CHAIN_PARK), "w") as fifo:
-            fifo.write("\n")
-        wait_for(lambda: not pid_alive(compiler), message="the compiler to be killed")
-        assert proc.poll() is None
-        assert not (tmp_path / "cleaned-up").exists()  # killed, not asked to clean up
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-
-
-@pytest.mark.parametrize("shell", SHELLS)
-@pytest.mark.parametrize("how", ["loader SIGKILL", "group SIGTERM"])
-def test_the_parked_compiler_goes_with_the_loader(shell, tmp_path, how):
-    """However the loader ends (the exporter's death signal or stop, or its
-    own end), the parked compiler is killed with it: its parker reads the
-    end of the FIFO the loader held open; nothing of the group is left."""
-    proc, compiler = parked(shell, tmp_path)
-    try:
-        if how == "loader SIGKILL":
-            os.kill(proc.pid, signal.SIGKILL)
-        else:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=30)
-        wait_for(lambda: not pid_alive(compiler), message="the compiler to be killed")
-        wait_for(lambda: not any(state(int(p)) for p in os.listdir("/proc") if p.isdigit()
-                                 and _pgid(int(p)) == proc.pid),
-                 message="the group to be gone")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _pgid(pid):
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None

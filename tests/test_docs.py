@@ -282,14 +282,10 @@ def test_debian_changelog_version_is_the_program_version():
 
 
 def test_bounds_in_the_docs_are_the_codes():
-    """The bounds the README and the man page quote: the module cache's, and
-    how much work waits for the end of a burst of starts (two actions a
-    start at most: a parked compiler and a cache copy)."""
-    from stapexporter_lib import compiled, launch
-    assert launch.MAX_DEFERRED % 2 == 0
+    """The bounds the README and the man page quote: the module cache's."""
+    from stapexporter_lib import compiled
     said = {"cache": "%d modules and %d MiB" % (compiled.MAX_ENTRIES,
-                                                  compiled.MAX_BYTES // (1024 * 1024)),
-            "deferred": "At most %d starts' worth" % (launch.MAX_DEFERRED // 2)}
+                                                  compiled.MAX_BYTES // (1024 * 1024))}
     for path in (README, MANPAGE):
         text = " ".join(unroff(read(path)).split())
         for what, phrase in said.items():

@@ -7,11 +7,8 @@ which is used only when trusted."""
 import os
 import re
 import shlex
-import signal
 import stat
 import time
-
-import pytest
 
 from conftest import (Exporter, pid_alive, process_group, stop_and_check, wait_for,
                       write_script)
@@ -64,10 +61,10 @@ def test_a_compile_is_done_once_it_names_its_module(dirs, exporter_factory):
     """stap's last useful act of a compile is printing the module's file name
     (then it copies the module into place and cleans up, which is not waited
     for: the stand-in lingers 120 s).  One process from compile to
-    running script: the compile's shell has the compiler stopped and becomes
-    the loader, so the loader is alone in its group, under the compile's pid,
-    once the compiler is killed (no other start compiles here); orphaned, it
-    is reaped by the exporter (no zombie left in the group)."""
+    running script: the compile's shell has the compiler killed and becomes
+    the loader, so the loader is alone in its group, under the compile's pid;
+    the killed compiler, orphaned, is reaped by the exporter (no zombie left
+    in the group)."""
     scripts, _ = dirs
     write_script(scripts, "lingering.stp", "linger=120")
     exp = exporter_factory()
@@ -119,68 +116,6 @@ def test_a_compile_killed_before_its_rename_loads_the_temporary_copy(dirs, expor
     wait_for(lambda: process_group(pid) == [pid], message="the compiler to be gone")
     workdir = os.readlink("/proc/%d/cwd" % pid)
     assert not os.path.exists(os.path.join(workdir, exp.module_prefix + "slow.bo"))
-
-
-def stopped_members(pid):
-    """The stopped processes of PID's process group (a chain's parked
-    compiler), PID itself left out."""
-    stopped = []
-    for member in process_group(pid):
-        try:
-            with open("/proc/%d/stat" % member) as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if member != pid and state == "T":
-            stopped.append(member)
-    return stopped
-
-
-def test_a_compiler_is_parked_until_no_start_compiles(dirs, exporter_factory, tmp_path):
-    """While another start compiles, a chain's compiler is stopped, not
-    killed, and its module not yet copied into the cache (the driver way
-    pays for neither before the script stops, and both take CPU from the
-    compiles beside them).  Once no start compiles, the compiler is killed
-    and the module kept; the loader runs on in the same process."""
-    scripts, _ = dirs
-    write_script(scripts, "quick.stp")
-    write_script(scripts, "slow.stp", "compile=4")
-    exp = exporter_factory(["--cache-dir", str(tmp_path / "cache")])
-    exp.get("/slow.stp")  # compiling: 503 after the start wait
-    assert exp.get_until("/quick.stp").status == 200
-    pid, _line = spawned_pid(exp, "quick.stp")
-    parked = wait_for(lambda: stopped_members(pid), message="a parked compiler")
-    with open("/proc/%d/cmdline" % parked[0], "rb") as f:
-        assert b"-p4" in f.read().split(b"\0")  # the compile, stopped
-    assert not re.search(r"event=cache script=quick\.stp ", exp.log_text())
-    assert exp.get("/quick.stp").status == 200  # the loader serves meanwhile
-    assert exp.get_until("/slow.stp").status == 200
-    wait_for(lambda: process_group(pid) == [pid], message="the parked compiler to be killed")
-    exp.wait_log(r"event=cache script=quick\.stp msg=\"kept the compiled module")
-    assert pid_alive(pid) and exp.get("/quick.stp").status == 200
-
-
-@pytest.mark.parametrize("how", ["stop", "killed"])
-def test_a_parked_compiler_goes_with_the_exporter(dirs, exporter_factory, how):
-    """A compiler parked while another start compiles is gone with its
-    loader: when the exporter stops, and when it is SIGKILLed (the loader
-    gets the death signal, and its end releases the compiler)."""
-    scripts, _ = dirs
-    write_script(scripts, "quick.stp")
-    write_script(scripts, "slow.stp", "compile=60")
-    exp = exporter_factory()
-    exp.get("/slow.stp")
-    assert exp.get_until("/quick.stp").status == 200
-    pid, _line = spawned_pid(exp, "quick.stp")
-    parked = wait_for(lambda: stopped_members(pid), message="a parked compiler")
-    everyone = exp.children() + parked
-    if how == "stop":
-        assert exp.stop() == 0
-    else:
-        exp.signal(signal.SIGKILL)
-        exp.proc.wait(5)
-    wait_for(lambda: not any(pid_alive(p) for p in everyone), timeout=15,
-             message="every process to go with the exporter")
 
 
 def test_max_starting_counts_compiling_starts_until_their_output(dirs, exporter_factory):

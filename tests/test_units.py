@@ -102,28 +102,3 @@ def test_empty_fifo_cycles_are_retried_sooner_early_on():
         reads += 1
     assert reads == 15  # doubling pauses from 5 ms made 5; a flat 5 ms would make 40
 
-
-def test_after_starts_holds_work_back_while_a_start_compiles():
-    """launch.AfterStarts: an action waits while any start compiles (the
-    caller's own start aside, when it says so), runs when a start ends and
-    none compiles, can be taken back, and no more than LIMIT wait (the
-    oldest runs first)."""
-    from stapexporter_lib.launch import AfterStarts
-    compiling, ran = [2], []
-    after = AfterStarts(lambda: compiling[0], limit=3)
-    after.defer("release-a", lambda: ran.append("release-a"), compiling_self=True)
-    assert ran == [] and len(after) == 1      # another start compiles
-    compiling[0] = 1
-    after.defer("release-b", lambda: ran.append("release-b"), compiling_self=True)
-    assert ran == ["release-b"]               # only its own start compiles
-    after.defer("keep-b", lambda: ran.append("keep-b"))
-    after.settle()
-    assert ran == ["release-b"]               # one start still compiles
-    assert after.take("keep-b") is not None and after.take("keep-b") is None
-    compiling[0] = 0
-    after.settle()
-    assert ran == ["release-b", "release-a"] and len(after) == 0
-    compiling[0] = 5
-    for i in range(5):
-        after.defer(i, lambda i=i: ran.append(i))
-    assert ran[2:] == [0, 1] and len(after) == 3
