@@ -215,8 +215,8 @@ class Exporter:
 
     def settled_children(self, count, timeout=10.0):
         """children() once there are COUNT of them: a chained compile's
-        stopped compiler and its parker go a moment after the loader has
-        taken over (at once, or when no other start is compiling)."""
+        killed compiler goes a moment after the loader has taken over (its
+        exit frees tens of MB), which under load can be after the output."""
         def settled():
             children = self.children()
             return children if len(children) == count else None
