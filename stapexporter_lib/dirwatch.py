@@ -7,11 +7,11 @@ the run as a load from then on and to keep the module in its cache.
 ``DirWatch`` tells the watchdog the moment a name is completed in a
 directory: closed after writing (``IN_CLOSE_WRITE``), as the shell writes
 its marker.  Names renamed into it do not count (stap renames its module
-into place on every compile: nobody waits for that).  One inotify instance serves the whole exporter (one
-watch per watched directory) and is read from a hub callback, without
-blocking and without a greenlet of its own.  Where inotify cannot be had
-(another kernel, or the per-user limits reached), ``watch`` returns None and
-callers look for the file themselves.
+into place on every compile: nobody waits for that).  One inotify instance
+serves the whole exporter (one watch per watched directory) and is read from
+a hub callback, without blocking and without a greenlet of its own.  Where
+inotify cannot be had (another kernel, or the per-user limits reached),
+``watch`` returns None and callers look for the file themselves.
 
 Owns the inotify descriptor and its watches.  Must not decide what a
 completed name means (``launch.py``) or signal processes (``child.py``).

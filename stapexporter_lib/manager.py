@@ -89,18 +89,18 @@ class Manager:
         (Autostart scripts are started by the exporter regardless.)"""
         if self.shutting_down:
             return "the exporter is shutting down"
-        live = [s for s in self.sessions.values() if s.live]
-        if len(live) >= self.max_running:
+        running = self._running()
+        if running >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
-                    " when one stops" % len(live))
+                    " when one stops" % running)
         self._start_queued()  # those queued before it go first
         starting = self.compiling()
         if starting >= self.max_starting:
-            if session.script.name not in self._queue:
+            if session.name not in self._queue:
                 log.info("queued: script=%s %d scripts are starting (--max-starting %d); it"
                          " starts when one of them is done", session.name, starting,
                          self.max_starting)
-            self._queue[session.script.name] = session
+            self._queue[session.name] = session
             session.queued = True
             return ("%d scripts are starting, the most allowed at once (--max-starting);"
                     " this one is queued and starts as soon as one of them is done"
@@ -116,12 +116,16 @@ class Manager:
             session.queued = False
             if self.shutting_down or self.get(name) is not session or session.live:
                 continue  # gone, changed, or started some other way meanwhile
-            if sum(1 for s in self.sessions.values() if s.live) >= self.max_running:
+            if self._running() >= self.max_running:
                 continue  # its request is answered (busy); the next one tries again
             log.info("dequeued: script=%s starting (its turn under --max-starting)",
                      session.name)
             session.touch()  # asked for: its idle time counts from its start
             session.start()
+
+    def _running(self) -> int:
+        """How many scripts are live (what --max-scripts caps)."""
+        return sum(1 for s in self.sessions.values() if s.live)
 
     def compiling(self) -> int:
         """How many starts are compiling now (``Session.compiling``): what

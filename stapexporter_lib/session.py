@@ -114,16 +114,16 @@ class Session(Lifecycle):
         start_wait = None
         if self.state in STARTABLE_STATES and not self.live:
             refusal = self._admit(self) if self._admit is not None else None
-            if refusal and not self.queued:
+            if refusal is None:
+                self.start()
+            elif not self.queued:
                 return Outcome(Outcome.BUSY, message=refusal, retry_after=RETRY_BUSY)
-            if refusal:
+            else:  # the manager starts it when its turn comes: wait for that
                 waited = self._wait_for_turn(min(timeout, self.config.start_wait))
                 if self.queued:
                     return Outcome(Outcome.BUSY, message=refusal, retry_after=RETRY_QUEUED)
                 timeout -= waited
                 start_wait = max(0.0, self.config.start_wait - waited)
-            else:
-                self.start()
         if self.state == STOPPING:
             return not_ready("The script is stopping; it will start again on the next"
                              " request.", RETRY_STOPPING)
