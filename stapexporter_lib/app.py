@@ -22,11 +22,11 @@ import gevent
 import gevent.threadpool
 
 from . import __version__, discovery, indexpage, proccost
-from .catalog import valid_name
+from .scripts.catalog import valid_name
 from .indexpage import terminal_safe
 from .logs import escape_line
 from .offhub import in_pool
-from .session import Outcome, Session
+from .scripts.session import Outcome, Session
 from .basicauth import AUTH_BUSY, AUTH_OK, CHALLENGE
 
 log = logging.getLogger("stap-exporter")

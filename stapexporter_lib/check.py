@@ -16,7 +16,7 @@ import sys
 from typing import List, Tuple
 
 from . import trust
-from .catalog import Catalog
+from .scripts.catalog import Catalog
 from .cli import scripts_dir_refusal
 from .logs import escape_line
 

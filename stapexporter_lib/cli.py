@@ -14,7 +14,8 @@ from typing import List, Optional
 
 from docopt import DocoptExit, docopt
 
-from . import __version__, discovery, procfs, trust
+from . import __version__, discovery, trust
+from .scripts import output
 
 PROG = "stap-exporter"
 DEFAULT_SCRIPTS_DIR = "/etc/stap-exporter"
@@ -141,7 +142,7 @@ class Config:
 
 def usage_text() -> str:
     return USAGE.format(scripts=default_scripts_dir(),
-                        procfs=":".join(procfs.default_dirs()))
+                        procfs=":".join(output.default_dirs()))
 
 
 def parse(argv: List[str]) -> Config:

@@ -40,7 +40,7 @@ import gevent
 
 from . import trust
 from .offhub import in_pool
-from .naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned, owner_pid
+from .scripts.naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned, owner_pid
 
 log = logging.getLogger("stap-exporter")
 

@@ -10,7 +10,6 @@ Must not hold request or lifecycle logic.
 
 import errno
 import logging
-import os
 import signal
 import socket
 import sys
@@ -21,27 +20,24 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, basicauth, cli, discovery, loaders, procfs, webconfig
+from . import __version__, basicauth, cli, discovery, webconfig
 from .app import App
-from .catalog import Catalog
-from .compiled import ModuleCache
-from .launch import DirectLoad
 from .http import Server
 from .leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
-from .manager import Manager
+from .scripts import output
+from .scripts.build import ModuleCache, Plan
+from .scripts.catalog import Catalog
+from .scripts.manager import Manager
+from .scripts.process import set_child_subreaper
+from .scripts.session import START_WAIT, SessionConfig
 from .selfmetrics import SelfMetrics
-from .child import set_child_subreaper
-from .session import START_WAIT, SessionConfig
 
 log = logging.getLogger("stap-exporter")
 
 BACKLOG = 1024
 # How long in-flight requests get to finish once the scripts have stopped.
 REQUEST_DRAIN = 2.0
-# Set to 1 (by bench/lean.py only), plain scripts run through the stap driver
-# instead of being compiled and then loaded: the old way, for comparison.
-DRIVER_ONLY_ENV = "STAP_EXPORTER_DRIVER_ONLY"
 
 
 class StartupError(Exception):
@@ -104,14 +100,11 @@ class Exporter:
         self.catalog = Catalog(config.scripts_dir, follow_symlinks=config.follow_symlinks)
         self.module_cache = ModuleCache(None if config.recompile else config.cache_dir,
                                         config.stap)
-        direct = DirectLoad(loaders.Plan(config.stap), self.module_cache)
-        if os.environ.get(DRIVER_ONLY_ENV) == "1":
-            direct = None
         self.manager = Manager(self.catalog, SessionConfig(
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
             start_wait=START_WAIT, stop_grace=config.stop_timeout,
-            workdir_root=tempfile.gettempdir(), max_output=procfs.DEFAULT_MAX_BYTES,
-            direct_load=direct, insecure_scripts=config.insecure_scripts),
+            workdir_root=tempfile.gettempdir(), max_output=output.DEFAULT_MAX_BYTES,
+            plan=Plan(config.stap), cache=self.module_cache, insecure_scripts=config.insecure_scripts),
             max_running=config.max_scripts, max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.web = None

@@ -245,38 +245,134 @@ def _checked_output_stat(mod_fd: int, name: str, path: str) -> os.stat_result:
     return st
 
 
-def script_refusal(path: str) -> Optional[str]:
-    """None if the script file PATH may run as root, else why not.
+# The largest script file read (digest, declarations, the copy that runs).
+MAX_SCRIPT_BYTES = 4 * 1024 * 1024
+# The most symbolic links followed on the way to a script (the kernel's own
+# limit is 40).
+MAX_LINKS = 40
 
-    Its directory and the file must be trusted; for a symbolic link, so must
-    its target and the target's directory.  The file must be a regular file
-    not writable by group or others."""
+
+def script_refusal(path: str) -> Optional[str]:
+    """None if the script file PATH may run as root, else why not, naming
+    the component at fault (``read_script``'s checks, without reading)."""
     try:
-        return _script_refusal(path)
+        close_now(_walk_script(path)[0])
     except Untrusted as exc:
         return str(exc)
     except FileNotFoundError:
         return "%s does not exist" % path
     except OSError as exc:
         return "%s cannot be checked: %s" % (path, exc.strerror)
+    return None
 
 
-def _script_refusal(path: str) -> Optional[str]:
-    dir_fd = open_trusted_dir(os.path.dirname(path))
+def read_script(path: str, check: bool = True) -> Tuple[bytes, os.stat_result]:
+    """The content and fstat of the script file PATH, read through
+    descriptors once every component on the way was checked.
+
+    Every directory passed through, every symbolic link followed (each is
+    resolved here, one component at a time, never by the kernel) and the
+    file itself must be owned by root or the exporter's user and not be
+    writable by group or others; a directory above the file's own may be a
+    root-owned sticky directory.  The file must be a regular file of at
+    most MAX_SCRIPT_BYTES.  What was checked is what is returned: the
+    caller digests, parses and runs these bytes, never the path again.
+    CHECK=False (--insecure-scripts) skips the owner and mode checks, not
+    the walk.  Raises Untrusted (naming the component), FileNotFoundError
+    or OSError."""
+    dir_fd, name, shown, _st = _walk_script(path, check)
     try:
-        st = os.lstat(os.path.basename(path), dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     finally:
         close_now(dir_fd)
-    if stat.S_ISLNK(st.st_mode):
-        # A link in a trusted directory was put there by a trusted user; what
-        # it points to must be trusted just the same.
-        target = os.path.realpath(path)
-        refusal = script_refusal(target)
-        return refusal and "%s links to %s" % (path, refusal)
+    try:
+        st = os.fstat(fd)
+        _check_script_stat(shown, st, check)  # the file opened, not the name looked at
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, MAX_SCRIPT_BYTES + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_SCRIPT_BYTES:
+                raise Untrusted(shown, "is larger than %d bytes" % MAX_SCRIPT_BYTES)
+        return b"".join(chunks), st
+    finally:
+        close_now(fd)
+
+
+def _check_script_stat(shown: str, st: os.stat_result, check: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
-        return "%s is %s, not a regular file" % (path, type_name(st.st_mode))
-    check_stat(path, st)
-    return None
+        raise Untrusted(shown, "is %s, not a regular file" % type_name(st.st_mode))
+    if check:
+        check_stat(shown, st)
+
+
+def _walk_script(path: str, check: bool = True) -> Tuple[int, str, str, os.stat_result]:
+    """(O_PATH descriptor of the directory holding the script's file, the
+    file's name there, its path as walked, its lstat), every component on
+    the way checked (``read_script``).  The caller closes the descriptor."""
+    pending = [p for p in os.path.abspath(path).split(os.sep) if p]
+    fd = os.open("/", _PATH_FLAGS | os.O_DIRECTORY)
+    walked = "/"
+    links = 0
+    try:
+        if check:
+            check_stat("/", os.fstat(fd), allow_sticky=True)
+        while True:
+            if not pending:
+                raise Untrusted(path, "is a directory, not a regular file")
+            name = pending.pop(0)
+            if name == ".":
+                continue
+            here = os.path.join(walked, name)
+            if name == "..":
+                child = os.open("..", _PATH_FLAGS | os.O_DIRECTORY, dir_fd=fd)
+                here = os.path.dirname(walked) or "/"
+                st = os.fstat(child)
+            else:
+                st = os.lstat(name, dir_fd=fd)
+                if stat.S_ISLNK(st.st_mode):
+                    # The directory holding the link was checked, so the
+                    # link cannot change under us; its owner must be trusted
+                    # like any other component.
+                    links += 1
+                    if links > MAX_LINKS:
+                        raise Untrusted(path, "passes through more than %d symbolic links"
+                                        % MAX_LINKS)
+                    problem = check and owner_problem(st)
+                    if problem:
+                        raise Untrusted(here, "(a symbolic link on the way to %s) %s"
+                                        % (path, problem))
+                    target = os.readlink(name, dir_fd=fd)
+                    pending = [p for p in target.split(os.sep) if p] + pending
+                    if target.startswith(os.sep):
+                        close_now(fd)
+                        fd = os.open("/", _PATH_FLAGS | os.O_DIRECTORY)
+                        walked = "/"
+                    continue
+                if not pending:
+                    _check_script_stat(here if here == path else "%s (reached through %s)"
+                                       % (here, path), st, check)
+                    return fd, name, here, st
+                if not stat.S_ISDIR(st.st_mode):
+                    raise Untrusted(here, "is %s, not a directory" % type_name(st.st_mode))
+                child = os.open(name, _PATH_FLAGS | os.O_DIRECTORY, dir_fd=fd)
+                st = os.fstat(child)
+            close_now(fd)
+            fd = child
+            walked = here
+            if check:
+                # Only the file's own directory must be closed to others:
+                # above it a root-owned sticky directory (/tmp) lets nobody
+                # rename or remove our entries.
+                last_dir = len(pending) == 1
+                check_stat(here, st, allow_sticky=not last_dir)
+    except BaseException:
+        close_now(fd)
+        raise
 
 
 def remove_tree(path: str, limit: int = MAX_REMOVE_OPERATIONS) -> None:

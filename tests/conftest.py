@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -250,6 +251,14 @@ class Exporter:
             import shutil
             shutil.rmtree(self.own_cache, ignore_errors=True)
         return self.proc.returncode
+
+
+def private_copy(path, name):
+    """True if PATH is the exporter's private copy of the script NAME: the
+    file in a start's own working directory (what is compiled and run, so
+    that nobody can swap the script between its check and its use)."""
+    return re.fullmatch(r"%s/stap-exporter\.\d+\.stapexp_\w+\.\w+/%s" % (
+        re.escape(tempfile.gettempdir()), re.escape(name)), path) is not None
 
 
 def write_script(directory, name, directives="", executable=False, body=None):

@@ -142,7 +142,7 @@ def scrape_error_reasons():
     non-OK Outcome kind (App passes outcome.kind) plus the literal reasons
     app.py returns itself (``return response, "invalid"``)."""
     import ast
-    from stapexporter_lib.session import Outcome
+    from stapexporter_lib.scripts.session import Outcome
     reasons = {value for name, value in vars(Outcome).items()
                if name.isupper() and isinstance(value, str) and value != Outcome.OK}
     with open(APP_PY, encoding="utf-8") as f:
@@ -283,7 +283,7 @@ def test_debian_changelog_version_is_the_program_version():
 
 def test_bounds_in_the_docs_are_the_codes():
     """The bounds the README and the man page quote: the module cache's."""
-    from stapexporter_lib import compiled
+    from stapexporter_lib.scripts import build as compiled
     said = {"cache": "%d modules and %d MiB" % (compiled.MAX_ENTRIES,
                                                   compiled.MAX_BYTES // (1024 * 1024))}
     for path in (README, MANPAGE):

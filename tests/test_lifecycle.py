@@ -8,7 +8,7 @@ import shlex
 import time
 
 
-from conftest import pid_alive, wait_for, write_script
+from conftest import pid_alive, private_copy, wait_for, write_script
 
 
 def index_rows(exporter):
@@ -122,7 +122,7 @@ def test_executable_script_runs_directly_with_module_appended(dirs, exporter_fac
     assert exp.get_until("/wrapped.stp").status == 200
     line = exp.wait_log(r"event=spawned script=wrapped\.stp")
     argv = shlex.split(line.split("argv=", 1)[1])[0].split()
-    assert argv[0] == str(scripts / "wrapped.stp")
+    assert private_copy(argv[0], "wrapped.stp"), argv
     assert argv[1] == "-m" and argv[2].startswith(exp.module_prefix)
     assert len(argv) == 3
 
@@ -135,12 +135,11 @@ def test_plain_script_is_compiled_by_stap_then_run_by_the_loader(dirs, exporter_
     line = exp.wait_log(r"event=compiling script=plain\.stp")
     argv = shlex.split(line.split("argv=", 1)[1])[0].split()
     assert argv[0].endswith("fakestap")
-    assert argv[1:3] == ["-p4", "-m"] and argv[4] == str(scripts / "plain.stp")
+    assert argv[1:3] == ["-p4", "-m"] and private_copy(argv[4], "plain.stp"), argv
     line = exp.wait_log(r"event=spawned script=plain\.stp")
     argv = shlex.split(line.split("argv=", 1)[1])[0].split()
     assert os.path.basename(argv[0]) == "stapbpf"
-    assert len(argv) == 2  # the module, in place or in stap's temporary directory
-    assert re.fullmatch(r"(stap\w{6}/)?%splain\.bo" % re.escape(exp.module_prefix), argv[1])
+    assert argv[1:] == ["%splain.bo" % exp.module_prefix], argv
 
 
 def test_module_names_are_valid_unique_and_stable(dirs, exporter_factory):
@@ -242,13 +241,13 @@ def test_sigkill_of_exporter_takes_children_with_it(dirs, exporter_factory):
     write_script(scripts, "a.stp")
     write_script(scripts, "b.stp", "mode=fifo")
     write_script(scripts, "c-autostart.stp")
-    # A compile: its shell, the subshell minding the compiler, the compiler.
+    # A compile: the compiler alone.
     write_script(scripts, "d.stp", "compile=60")
     exp = exporter_factory()
     exp.get_until("/a.stp")
     exp.get_until("/b.stp")
     exp.get("/d.stp")
-    wait_for(lambda: len(exp.children()) == 6, message="six processes")
+    wait_for(lambda: len(exp.children()) == 4, message="four processes")
     children = exp.children()
     exp.signal(signal.SIGKILL)
     exp.proc.wait(5)

@@ -14,7 +14,7 @@ import pytest
 
 import realstap
 from conftest import Exporter, wait_for, write_script
-from stapexporter_lib import procfs as procfs_mod
+from stapexporter_lib.scripts import output as procfs_mod
 
 pytestmark = pytest.mark.peers
 

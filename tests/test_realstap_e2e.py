@@ -29,7 +29,7 @@ import realstap
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from stapexporter_lib import procfs  # noqa: E402
+from stapexporter_lib.scripts import output as procfs  # noqa: E402
 
 pytestmark = pytest.mark.realstap
 

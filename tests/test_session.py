@@ -20,11 +20,11 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
-from stapexporter_lib import procfs  # noqa: E402
-from stapexporter_lib.catalog import Script  # noqa: E402
-from stapexporter_lib.manager import Manager  # noqa: E402
-from stapexporter_lib.reader import OutputReader  # noqa: E402
-from stapexporter_lib.session import Outcome, Session, SessionConfig  # noqa: E402
+from stapexporter_lib.scripts import output as procfs  # noqa: E402
+from stapexporter_lib.scripts.catalog import Script  # noqa: E402
+from stapexporter_lib.scripts.manager import Manager  # noqa: E402
+from stapexporter_lib.scripts.output import OutputReader  # noqa: E402
+from stapexporter_lib.scripts.session import Outcome, Session, SessionConfig  # noqa: E402
 
 # Fake pids lie above the kernel's largest pid (4194304): never a real process.
 FIRST_FAKE_PID = 5_000_000
@@ -152,7 +152,7 @@ def world(tmp_path):
         config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                                keepalive=keepalive, start_wait=start_wait,
                                stop_grace=stop_grace, workdir_root=str(tmp_path),
-                               max_output=procfs.DEFAULT_MAX_BYTES, direct_load=None,
+                               max_output=procfs.DEFAULT_MAX_BYTES, plan=None, cache=None,
                                insecure_scripts=False)
         session = Session(script, config, clock=vt.clock, popen=popen or fake.popen,
                           wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
@@ -364,8 +364,8 @@ class GatedRead:
 
 
 def reader_with(read):
-    script = Script("a.stp", "/nonexistent/a.stp", "stapexp_1_a")
-    reader = OutputReader(script, [], procfs.DEFAULT_MAX_BYTES, lambda: 0.0, read=read)
+    reader = OutputReader("a.stp", "stapexp_1_a", [], procfs.DEFAULT_MAX_BYTES, lambda: 0.0,
+                          read=read)
     reader.path = "/nonexistent/__prometheus"
     return reader
 
@@ -419,7 +419,7 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
     idle for --keepalive, is stopped), oldest first, and its idle time
     counts from that start, not from the request that queued it."""
     make, vt, fake, procfs_dir = world
-    from stapexporter_lib.catalog import Catalog
+    from stapexporter_lib.scripts.catalog import Catalog
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     for name in ("a.stp", "b.stp", "c.stp"):
@@ -428,10 +428,10 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                            keepalive=1.0, start_wait=0.5, stop_grace=5.0,
                            workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
-                           direct_load=None, insecure_scripts=False)
+                           plan=None, cache=None, insecure_scripts=False)
 
-    def factory(script, config, clock, admit, start_over):
-        return Session(script, config, clock=clock, admit=admit, start_over=start_over,
+    def factory(script, config, clock, admit, start_slots):
+        return Session(script, config, clock=clock, admit=admit, start_slots=start_slots,
                        popen=fake.popen, wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
     manager = Manager(catalog, config, max_running=3, max_starting=1, clock=vt.clock,
                       session_factory=factory)
@@ -459,7 +459,7 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
     assert not manager.get("c.stp").queued and len(fake.procs) == 2
 
 
-# -- honest states (issue 11): running once the output exists, refused, backoff -----
+# -- honest states: running once the output exists, refused, backoff -----
 
 
 class Sessions:
@@ -522,7 +522,7 @@ def test_output_is_looked_for_often_right_after_a_spawn(world):
     """A loader makes its output within milliseconds of its spawn: the
     watchdog looks every 2.5 ms at first, then less often as a compile goes
     on (a quarter of the time since the spawn), at most every 0.2 s."""
-    from stapexporter_lib.scriptstate import output_poll_interval
+    from stapexporter_lib.scripts.session import output_poll_interval
     make, vt, fake, procfs_dir = world
     s = make("quick-autostart.stp")
     s.start()

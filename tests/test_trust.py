@@ -216,14 +216,15 @@ def test_untrusted_script_files_are_refused_and_never_run(dirs, start, attacker,
                      % (re.escape(owned), attacker.uid), index), index
     cases = {"owned.stp": "%s is owned by uid %d" % (owned, attacker.uid),
              "groupw.stp": "%s is writable by group (mode 0775)" % groupw,
-             "link.stp": "%s links to %s is owned by uid %d"
-                         % (scripts / "link.stp", target, attacker.uid)}
+             "link.stp": "%s (reached through %s) is owned by uid %d"
+                         % (target, scripts / "link.stp", attacker.uid)}
     for name, reason in cases.items():
         for _ in range(2):
             r = exp.get("/" + name)
             assert r.status == 403, r
             assert r.text.startswith("Untrusted script: refused to run %s: " % name), r.text
             assert reason in r.text, r.text
+        exp.wait_log(r"event=refused script=%s " % re.escape(name))  # the log is read by a thread
         assert len(refused_lines(exp, name)) == 1, refused_lines(exp, name)
     assert re.search(r'reason="untrusted_script",script="owned.stp"\} 2',
                      exp.get("/metrics").text)

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
-from stapexporter_lib import catalog, declarations, procfs  # noqa: E402
+from stapexporter_lib.scripts import catalog, declarations, output as procfs  # noqa: E402
 from stapexporter_lib.logs import escape_line  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Locating and reading a script's ``MODULE/__prometheus`` output.
+"""Locating and reading a script's ``MODULE/__prometheus`` output, and the
+one read of it that concurrent requests share (``OutputReader``).
 
 Two shapes exist in the wild:
 
@@ -19,13 +20,10 @@ with the hub's I/O watcher under a deadline.  Regular files are read in the
 hub's thread pool: a procfs read runs the script's ``prometheus`` probe in the
 kernel and may take a while for large arrays.
 
-This module knows nothing about sessions; directories are parameters so tests
-can point them at a fixture tree.
-
-Owns the opening and reading of output files.  Must not know about sessions,
-change state, or signal processes.
+Directories are parameters, so tests point them at a fixture tree.
 """
 
+import logging
 import os
 import pwd
 import stat
@@ -33,9 +31,13 @@ import time
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import gevent
+import gevent.event
 from gevent.socket import wait_read
 
-from . import trust
+from .. import trust
+from .declarations import Annotator
+
+log = logging.getLogger("stap-exporter")
 
 OUTPUT_NAME = "__prometheus"
 
@@ -293,3 +295,122 @@ def first_cycle(data: bytes) -> bytes:
         key = line[:space]
     again = data.find(b"\n" + key + b" ", end)
     return data[:again + 1] if again >= 0 else data
+
+
+# How long a read that ended without a final newline waits to see whether
+# the script died while writing.
+EXIT_NOTICE = 0.05
+
+
+class OutputReader:
+    """The output of one script's runs."""
+
+    def __init__(self, name: str, module: str, procfs_dirs: List[str], max_output: int,
+                 clock: Callable[[], float], read=read_output):
+        self.name = name
+        self.module = module
+        self.procfs_dirs = procfs_dirs
+        self.max_output = max_output
+        self._clock = clock
+        self._read = read
+        self.path: Optional[str] = None
+        self.annotator: Optional[Annotator] = None
+        self.last_output_bytes = 0
+        self.read_this_run = False  # the current run's output has been read
+        self._flight: Optional[gevent.event.AsyncResult] = None
+        self._utf8_warned = False
+
+    def new_run(self) -> None:
+        """A new process starts: its output is elsewhere until found, and
+        its first invalid UTF-8 is worth a warning again."""
+        self.path = None
+        self.read_this_run = False
+        self._utf8_warned = False
+
+    def locate(self) -> Optional[str]:
+        """The output's path, looked up while unknown; None if none yet."""
+        if self.path is None:
+            self.path = find_output(self.module, self.procfs_dirs)
+        return self.path
+
+    def appeared(self) -> Tuple[bool, Optional[str]]:
+        """(whether the output exists, why it may not be read or None).
+        Only metadata is looked at (``output_refusal``): a FIFO is not
+        opened, so its writer is not woken."""
+        location = self.locate()
+        if location is None:
+            return False, None
+        try:
+            return True, output_refusal(location)
+        except OSError:  # gone again, or not checkable now: look again later
+            self.path = None
+            return False, None
+
+    def read(self, timeout: float, run) -> bytes:
+        """Read the output of RUN (a ``process.Process``, or None) within
+        TIMEOUT, sharing one read among concurrent callers (single-flight):
+        reads of one script are serialized, and a FIFO never sees two
+        readers at once.  A shared read runs on its first caller's deadline;
+        a caller whose own deadline is later and whose shared read timed out
+        reads again.  Raises what ``read_output`` raises."""
+        deadline = self._clock() + timeout
+        while True:
+            flight = self._flight
+            if flight is None:
+                return self._read_once(max(0.0, deadline - self._clock()), run)
+            try:
+                return flight.get(timeout=max(0.0, deadline - self._clock()))
+            except gevent.Timeout:
+                raise OutputTimeout("timed out waiting for the script's output") from None
+            except OutputTimeout:
+                if deadline - self._clock() <= 0:
+                    raise
+
+    def _read_once(self, timeout: float, run) -> bytes:
+        flight = self._flight = gevent.event.AsyncResult()
+        try:
+            data = self._read(self.path, timeout, self.max_output, self._clock)
+            if self._died_while_writing(data, run):
+                raise OutputError("the script exited while writing its output")
+            data = self._finish(data, run.pid if run is not None else None)
+        except BaseException as exc:
+            flight.set_exception(exc if isinstance(exc, Exception)
+                                 else OutputError("read aborted"))
+            raise
+        else:
+            flight.set(data)
+            return data
+        finally:
+            self._flight = None
+
+    @staticmethod
+    def _died_while_writing(data: bytes, run) -> bool:
+        """True if the process ended as its output was read: the text may be
+        cut short.  A text that does not end with a newline is suspect, so
+        then wait a moment for an exit to be noticed."""
+        if run is None:
+            return False
+        if not run.exited() and data and not data.endswith(b"\n"):
+            run.result.wait(EXIT_NOTICE)
+        return run.exited()
+
+    def _finish(self, data: bytes, pid: Optional[int]) -> bytes:
+        """Complete the last line, add declared HELP/TYPE lines."""
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # We promise charset=utf-8: replace what is not (an odd process
+            # name in a label, say) rather than fail the whole scrape.
+            if not self._utf8_warned:
+                log.warning("output: script=%s pid=%s output is not valid UTF-8 (%s at byte"
+                            " %d); invalid bytes are replaced", self.name, pid,
+                            exc.reason, exc.start)
+                self._utf8_warned = True
+            data = data.decode("utf-8", "replace").encode("utf-8")
+        if self.annotator:
+            data = self.annotator.annotate(data)
+        self.last_output_bytes = len(data)
+        self.read_this_run = True
+        return data

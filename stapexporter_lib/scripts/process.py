@@ -1,19 +1,13 @@
-"""One run of a script's process: spawn, pipe pumps, signals, waiting, reaping,
-and the run's files.
+"""A script's processes: spawn, output pumps, signals, reaping, and the
+files a run leaves.
 
-A ``ChildRun`` forks one child in its own process group (so a stop reaches
-everything a script started), with stdin from /dev/null, in a private working
-directory that is removed when it ends (stap leaves ``MODULE.bo``/``MODULE.ko``
-there), and with ``PR_SET_PDEATHSIG`` so it is told to stop if the exporter
-dies, even by SIGKILL.  Its stdout and stderr are pumped into the log.
-
-Every signal goes through the injected ``killpg`` and every wait through the
-injected ``wait``, so tests can drive a fake process on a fake clock (and never
-signal a real process group by a fake pid).
-
-Owns the child process and its working directory.  Must not decide when to
-start, stop or restart (that is ``session.py``'s policy), read the script's
-metrics output (``reader.py``), or know about HTTP.
+Each process is forked in its own process group (a stop reaches everything
+a script started), with stdin from /dev/null, in the start's private working
+directory, and with ``PR_SET_PDEATHSIG`` so that it is told to stop if the
+exporter dies, even by SIGKILL.  Its stdout and stderr are pumped into the
+log.  Every signal goes through the injected ``killpg``/``kill`` and every
+wait through the injected ``wait`` (``Seams``), so tests drive fake
+processes on a fake clock.
 """
 
 import ctypes
@@ -22,7 +16,6 @@ import dataclasses
 import logging
 import os
 import signal
-import tempfile
 import time
 from typing import Any, Callable, Deque, List, Optional, Sequence
 
@@ -30,11 +23,10 @@ import gevent
 import gevent.os
 from gevent import subprocess
 
-from . import naming, procfs, trust
-from .loaders import make_chain_output
-from .catalog import Script
-from .logs import escape_line
-from .offhub import in_pool
+from .. import trust
+from ..logs import escape_line
+from ..offhub import in_pool
+from . import naming, output
 
 log = logging.getLogger("stap-exporter")
 
@@ -109,21 +101,18 @@ def _child_setup_for(parent_pid: int) -> Callable[[], None]:
     return setup
 
 
-class ChildRun:
-    """One process of one script, from spawn to reaping."""
+class Process:
+    """One process of a script's start (a compile, a loader, a wrapper, the
+    stap driver), from spawn to reaping."""
 
-    def __init__(self, script: Script, stderr_tail: Deque[str], seams: Seams, kind: str = "",
-                 chained: bool = False):
-        self.name = script.name
-        self.module = script.module
+    def __init__(self, name: str, kind: str, stderr_tail: Deque[str], seams: Seams):
+        self.name = name
+        self.kind = kind  # compile, load, wrapper, driver: for the log
         self.stderr_tail = stderr_tail  # the session's: stderr lines are added to it
         self._os = seams
         self.proc = None
         self.workdir: Optional[str] = None
-        self.kind = kind  # launch's name for what this run is (compile, load...)
-        self.chained = chained  # a compile whose shell becomes the loader (loaders.py)
         self.spawned_at = 0.0  # the seams' clock() when the process was forked
-        self.watch = None  # a dirwatch.Watch on the working directory (a compile's)
         self._pumps: List[gevent.Greenlet] = []
 
     @property
@@ -142,26 +131,13 @@ class ChildRun:
     def exited(self) -> bool:
         return self.proc.result.ready()
 
-    def spawn(self, argv: List[str], workdir_root: str, workdir: Optional[str] = None,
-              prepare: Optional[Callable[[str], None]] = None) -> None:
-        """Fork ARGV in WORKDIR (an earlier run's, handed over) or a fresh
-        private working directory under WORKDIR_ROOT, filled by PREPARE (in
-        the thread pool; a chained compile's also gets the FIFO its output
-        goes through), and start pumping its output.  Raises OSError or
-        trust.Untrusted (and removes the directory) when it cannot."""
-        try:
-            self.workdir = workdir or tempfile.mkdtemp(
-                prefix=naming.workdir_prefix(os.getpid(), self.module), dir=workdir_root)
-            if self.chained:  # a metadata call in a new directory, as mkdtemp is
-                make_chain_output(self.workdir)
-            if prepare is not None:
-                in_pool(prepare, self.workdir)
-            env = dict(os.environ)
-            env["TMPDIR"] = self.workdir  # stap's own temporary files go there too
-            self.proc, out, err = self._popen(argv, env)
-        except (OSError, trust.Untrusted):
-            self.remove_workdir()
-            raise
+    def spawn(self, argv: List[str], workdir: str) -> None:
+        """Fork ARGV in WORKDIR (also its TMPDIR: stap's temporary files go
+        there) and start pumping its output.  Raises OSError."""
+        self.workdir = workdir
+        env = dict(os.environ)
+        env["TMPDIR"] = workdir
+        self.proc, out, err = self._popen(argv, env)
         self.spawned_at = self._os.clock()
         self._pumps = [gevent.spawn(self._pump, err, True), gevent.spawn(self._pump, out, False)]
 
@@ -245,15 +221,6 @@ class ChildRun:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def become(self, kind: str) -> None:
-        """A chained compile's shell has become the loader (or is about to:
-        ``loaders.CHAIN_SCRIPT``).  From now on the run is KIND's, spawned
-        now, with no watch."""
-        self._close_watch()
-        self.kind = kind
-        self.chained = False
-        self.spawned_at = self._os.clock()
-
     def terminate(self, grace: float) -> None:
         """SIGTERM the group leader, and SIGKILL the group if the leader is
         still there after GRACE seconds; returns once it exited (or KILL_WAIT
@@ -286,23 +253,11 @@ class ChildRun:
                     self.name, self.pid)
         self.signal_group(signal.SIGKILL)
 
-    def _close_watch(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
-
     def _join_pumps(self) -> None:
-        self._close_watch()  # nothing is waited for any more
         gevent.joinall(self._pumps, timeout=PUMP_JOIN)
         for g in self._pumps:
             g.kill(block=False)
         self._pumps = []
-
-    def remove_workdir(self) -> None:
-        if self.workdir:
-            rmtree(self.workdir)
-            self.workdir = None
-
 
 def stop_budget(grace: float) -> float:
     """The longest a stop can take: SIGTERM grace and the SIGKILL wait for
@@ -315,7 +270,7 @@ def remove_module_dirs(module: str, procfs_dirs: List[str]) -> List[str]:
     """Remove MODULE's directories outside /proc (whose entries belong to the
     kernel); returns what was removed."""
     removed = []
-    for directory in procfs.module_dirs(module, procfs_dirs):
+    for directory in output.module_dirs(module, procfs_dirs):
         if not naming.kernel_owned(directory) and rmtree(directory):
             removed.append(directory)
     return removed

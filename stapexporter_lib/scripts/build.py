@@ -1,35 +1,27 @@
-"""Compiled modules kept for the next start, across exporter restarts.
+"""How a plain script becomes a running module: the compile and loader
+command lines, and the compiled modules kept for the next start.
+
+A plain script is compiled with ``STAP [options] -p4 -m MODULE FILE`` and
+its module then runs under the runtime's loader alone (``stapbpf
+MODULE.bo``, ``staprun MODULE.ko``): a running script costs the host one
+small process instead of an idle stap driver beside the loader.  ``Plan``
+sorts the --stap options into those only the translator needs, those the
+loader needs too or instead, and the rest; a script whose options no loader
+can honour runs through the stap driver (the reason is logged once).
 
 ``stap -m MODULE`` turns off systemtap's own compile cache, so every start
-would pay for a full translation and compile: about a second for the BPF
-runtime and tens of seconds for the kernel-module runtime.  After a
-successful compile (``stap -p4``), the module is copied into this cache,
-keyed by a digest of the script's content, the stap version (``STAP -V``),
-the kernel release and the --stap command; the next start with the same four
-runs it with the loader alone.
-
-The cache directory (``--cache-dir``, default /var/cache/stap-exporter) is
-used only if root or the exporter's user owns it and every directory above
-it, and group and others cannot write it (``trust.open_trusted_dir``); it is
-created (mode 0700) when missing.  Otherwise the refusal is logged once and
-a private directory of this process is used instead (in the temporary
-directory, removed at exit: modules are reused only by this process).
-Everything in it is reached through the directory's descriptor, never by
-following a link: entries are written to a temporary name and renamed into
-place, read only if they are regular files owned by a trusted user and not
-writable by others, and copied into the loading run's working directory
-under the run's own module name (no fsync: an entry a crash left damaged
-fails to load, and is then removed and compiled afresh).  The cache holds at most MAX_ENTRIES
-modules and MAX_BYTES bytes; the least recently used go first.
-
-BPF modules take their name from their file name (``stapbpf X.bo`` runs as
-module X), so one entry serves every later exporter.  A kernel module
-(``.ko``) embeds its name, which carries the exporter's pid: its key
-includes the module name, so it is reused by this exporter only, and it is
-removed at exit.
-
-Owns the cache directory and its entries.  Must not decide when a module
-is compiled, kept or run (``launch.py``) or start anything but ``STAP -V``.
+would pay for a full compile (about a second for the BPF runtime, tens of
+seconds for the kernel-module runtime).  ``ModuleCache`` keeps each compiled
+module, keyed by a digest of the exact bytes that were compiled, the stap
+version, the kernel release and the --stap command; the next start with the
+same four loads it at once.  The cache directory (--cache-dir) is used only
+if it and every directory above it are trusted (``trust.open_trusted_dir``);
+otherwise a private directory of this process is used.  Entries are reached
+through the directory's descriptor only, written under a temporary name and
+renamed into place, read only when they are regular files of a trusted owner
+that others cannot write, and bounded (MAX_ENTRIES, MAX_BYTES, least recently
+used first).  A kernel module embeds its name, which carries the exporter's
+pid: its key includes that name, and this process removes it at exit.
 """
 
 import hashlib
@@ -37,18 +29,144 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from gevent import subprocess
 
-from . import naming, trust
-from .offhub import in_pool
-from .logs import escape_line
+from .. import trust
+from . import naming
+from ..logs import escape_line
+from ..offhub import in_pool
 
 log = logging.getLogger("stap-exporter")
+
+# Compiled module suffix -> the runtime's loader.
+LOADERS = {".bo": "stapbpf", ".ko": "staprun"}
+
+# Translator-only options (the module they produce is all the loader needs).
+_COMPILE_VALUE = {"-r", "-I", "-R", "-B", "-a", "-D", "-d", "--runtime", "--privilege",
+                  "--sysroot", "--sysenv", "--modinfo"}
+_COMPILE_FLAGS = {"-g", "-u", "-t", "-P", "-k", "--suppress-handler-errors",
+                  "--disable-cache", "--ldd", "--all-modules", "--unprivileged",
+                  "--suppress-time-limits"}
+# Options both the translator and every loader take, as they are.
+_BOTH_FLAGS = {"-v", "-w"}
+# Run-time options every loader takes, as they are.
+_LOADER_VALUE = {"-o", "-x", "-c"}
+# Run-time options only some loaders take: suffix -> loader option (None:
+# appended after the module as a module option).
+_SOME_LOADERS = {"-s": {".ko": "-b"}, "-G": {".ko": None}}
+_TAKES_VALUE = _COMPILE_VALUE | _LOADER_VALUE | set(_SOME_LOADERS)
+
+
+class Plan:
+    """How scripts run under one --stap command: its options sorted for the
+    translator and the loaders."""
+
+    def __init__(self, stap: List[str]):
+        self.stap0 = stap[0]
+        self.compile_args: List[str] = []
+        self.loader_args: List[str] = []
+        self._specific: List[tuple] = []     # (option, value)
+        self.driver_reason: Optional[str] = None  # why every script needs the driver
+        self._loaders: Dict[str, Optional[str]] = {}
+        self._logged: Set[str] = set()
+        self._sort(stap[1:])
+
+    def _sort(self, words: List[str]) -> None:
+        i = 0
+        while i < len(words):
+            word = words[i]
+            name, value = _split(word)
+            given = [word]  # as written: --runtime=bpf stays one word
+            if name in _TAKES_VALUE and value is None:
+                if i + 1 >= len(words):
+                    self.driver_reason = "option %s in --stap has no value" % name
+                    return
+                i += 1
+                value = words[i]
+                given.append(value)
+            i += 1
+            if not self._take(name, value, given):
+                self.driver_reason = ("option %s in --stap has no equivalent for the loaders"
+                                      % escape_line(word))
+                return
+
+    def _take(self, name: str, value: Optional[str], given: List[str]) -> bool:
+        """Sort one option (GIVEN, as written); False when no loader could
+        honour it."""
+        if name in _COMPILE_VALUE or name in _COMPILE_FLAGS:
+            self.compile_args += given
+        elif name in _BOTH_FLAGS or _repeated_flag(name):
+            self.compile_args += given
+            self.loader_args += given
+        elif name in _LOADER_VALUE:
+            self.loader_args += given
+        elif name in _SOME_LOADERS:
+            self._specific.append((name, value))
+        else:
+            return False
+        return True
+
+    def compile_argv(self, module: str, script_path: str) -> List[str]:
+        return [self.stap0] + self.compile_args + ["-p4", "-m", module, script_path]
+
+    def loader_refusal(self, suffix: str) -> Optional[str]:
+        """None if the loader for modules ending in SUFFIX can run them with
+        these options, else why not."""
+        if self.driver_reason:
+            return self.driver_reason
+        if suffix not in LOADERS:
+            return "the compile produced a %s module, which has no loader" % suffix
+        for name, _value in self._specific:
+            if suffix not in _SOME_LOADERS[name]:
+                return "option %s in --stap has no equivalent for %s" % (name, LOADERS[suffix])
+        if self._loader(suffix) is None:
+            return "%s is not on PATH" % LOADERS[suffix]
+        return None
+
+    def loader_argv(self, suffix: str, module_file: str) -> List[str]:
+        """The loader's command line for MODULE_FILE (check loader_refusal
+        first)."""
+        options, after = list(self.loader_args), []
+        for name, value in self._specific:
+            loader_option = _SOME_LOADERS[name][suffix]
+            if loader_option is None:
+                after.append(value)
+            else:
+                options += [loader_option, value]
+        return [self._loader(suffix)] + options + [module_file] + after
+
+    def note_driver(self, reason: str) -> None:
+        """Log, once per reason, that scripts fall back to the stap driver."""
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("driver: %s; plain scripts run through the stap driver", reason)
+
+    def _loader(self, suffix: str) -> Optional[str]:
+        if suffix not in self._loaders:
+            self._loaders[suffix] = shutil.which(LOADERS[suffix])
+        return self._loaders[suffix]
+
+
+def _split(word: str) -> tuple:
+    """(option name, attached value or None): --runtime=bpf, -rKB, -v."""
+    if word.startswith("--"):
+        name, eq, value = word.partition("=")
+        return name, (value if eq else None)
+    if word.startswith("-") and len(word) > 2 and word[:2] in _TAKES_VALUE:
+        return word[:2], word[2:]
+    return word, None
+
+
+def _repeated_flag(name: str) -> bool:
+    """-vv, -vvv: more verbosity, which both stap and the loaders take."""
+    return len(name) > 2 and name.startswith("-v") and set(name[1:]) == {"v"}
+
 
 # Bounds of the cache: entries and bytes; the least recently used go first.
 MAX_ENTRIES = 256
@@ -118,7 +236,7 @@ class ModuleCache:
                         exc.strerror)
 
     def key(self, script_digest: str, suffix: str, module: str) -> str:
-        """The entry name of a module compiled from a script of SCRIPT_DIGEST
+        """The entry name of a module compiled from the bytes of SCRIPT_DIGEST
         (a .ko entry is MODULE's alone: the name is inside it)."""
         material = [self._identity, script_digest] + ([module] if suffix == ".ko" else [])
         return digest("\0".join(material).encode("utf-8", "surrogateescape")) + suffix
@@ -158,8 +276,8 @@ class ModuleCache:
             trust.close_now(src)
 
     def store(self, workdir: str, source: str, name: str) -> bool:
-        """Copy WORKDIR/SOURCE (a path relative to WORKDIR, no link followed)
-        into the cache as NAME, atomically; True if it was kept."""
+        """Copy the module file SOURCE in WORKDIR into the cache as NAME,
+        atomically (in the thread pool); True if it was kept."""
         if not self.enabled:
             return False
         try:
@@ -174,12 +292,7 @@ class ModuleCache:
     def _store(self, workdir: str, source: str, name: str) -> None:
         src_dir = os.open(workdir, _DIR_FLAGS | os.O_NOFOLLOW)
         try:
-            *dirs, leaf = source.split("/")  # each directory opened without following a link
-            for part in dirs:
-                inner = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=src_dir)
-                trust.close_now(src_dir)
-                src_dir = inner
-            src = os.open(leaf, _READ_FLAGS, dir_fd=src_dir)
+            src = os.open(source, _READ_FLAGS, dir_fd=src_dir)
         finally:
             trust.close_now(src_dir)
         try:

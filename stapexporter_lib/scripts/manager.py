@@ -1,20 +1,19 @@
 """The set of sessions: lookups, autostarts, rescans and shutdown.
 
-Owns the sessions by name, the caps on starts (``--max-scripts``,
-``--max-starting``), autostarts, rescans and the order of shutdown.  Must not
-parse HTTP, fork processes or read output (sessions do).
+The manager owns the sessions by name, the caps on starts (--max-scripts
+here, --max-starting through the sessions' shared ``StartSlots``),
+autostarts, rescans and the order of shutdown.
 """
 
-import collections
 import logging
 import time
 from typing import Callable, Dict, List, Optional
 
 import gevent
 
-from . import trust
+from .. import trust
 from .catalog import Catalog
-from .session import Session, SessionConfig
+from .session import Session, SessionConfig, StartSlots
 
 log = logging.getLogger("stap-exporter")
 
@@ -33,13 +32,10 @@ class Manager:
         self.config = config
         self.sessions: Dict[str, Session] = {}
         self.shutting_down = False
-        # The caps on scripts a request may start (--max-scripts, --max-starting).
-        self.max_running = max_running
-        self.max_starting = max_starting
+        self.max_running = max_running  # --max-scripts: live scripts a request may start
+        self.start_slots = StartSlots(max_starting)
         self.clock = clock
         self._factory = session_factory
-        # Sessions whose start waits for a --max-starting slot, oldest first.
-        self._queue: "collections.OrderedDict[str, Session]" = collections.OrderedDict()
 
     def start(self) -> None:
         """Scan the directory and start every autostart script."""
@@ -81,7 +77,7 @@ class Manager:
         if session is None or session.script is not script:
             session = self.sessions[name] = self._factory(script, self.config, clock=self.clock,
                                                           admit=self._admit,
-                                                          start_over=self._start_queued)
+                                                          start_slots=self.start_slots)
         return session
 
     def _admit(self, session: Session) -> Optional[str]:
@@ -89,48 +85,11 @@ class Manager:
         (Autostart scripts are started by the exporter regardless.)"""
         if self.shutting_down:
             return "the exporter is shutting down"
-        running = self._running()
+        running = sum(1 for s in self.sessions.values() if s.live)
         if running >= self.max_running:
             return ("%d scripts are running, the most allowed (--max-scripts); try again"
                     " when one stops" % running)
-        self._start_queued()  # those queued before it go first
-        starting = self.compiling()
-        if starting >= self.max_starting:
-            if session.name not in self._queue:
-                log.info("queued: script=%s %d scripts are starting (--max-starting %d); it"
-                         " starts when one of them is done", session.name, starting,
-                         self.max_starting)
-            self._queue[session.name] = session
-            session.queued = True
-            return ("%d scripts are starting, the most allowed at once (--max-starting);"
-                    " this one is queued and starts as soon as one of them is done"
-                    % starting)
         return None
-
-    def _start_queued(self) -> None:
-        """Start queued scripts, oldest first, while --max-starting allows
-        (called whenever a start ends, whatever ended it, and before a new
-        request may take a slot)."""
-        while self._queue and self.compiling() < self.max_starting:
-            name, session = self._queue.popitem(last=False)
-            session.queued = False
-            if self.shutting_down or self.get(name) is not session or session.live:
-                continue  # gone, changed, or started some other way meanwhile
-            if self._running() >= self.max_running:
-                continue  # its request is answered (busy); the next one tries again
-            log.info("dequeued: script=%s starting (its turn under --max-starting)",
-                     session.name)
-            session.touch()  # asked for: its idle time counts from its start
-            session.start()
-
-    def _running(self) -> int:
-        """How many scripts are live (what --max-scripts caps)."""
-        return sum(1 for s in self.sessions.values() if s.live)
-
-    def compiling(self) -> int:
-        """How many starts are compiling now (``Session.compiling``): what
-        --max-starting caps."""
-        return sum(1 for s in self.sessions.values() if s.live and s.compiling)
 
     def all(self) -> List[Session]:
         """A session for every known script (created lazily), sorted by name,
@@ -177,9 +136,6 @@ class Manager:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Stop every script at once and wait; True if all stopped in time."""
         self.shutting_down = True
-        for session in self._queue.values():
-            session.queued = False
-        self._queue.clear()
         live = [s for s in self.sessions.values() if s.live]
         if not live:
             return True

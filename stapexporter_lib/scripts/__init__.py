@@ -1,0 +1,1 @@
+"""The script side: catalog, sessions, processes, compile and load, output."""

@@ -1,0 +1,896 @@
+"""One script: its state, its processes, and the answers to requests for it.
+
+A ``Session`` is to one script what Supervisor's ``Subprocess`` is to one
+program.  Every state change goes through ``_transition``, checked against
+``states.TRANSITIONS``.  A start is one greenlet (the watchdog) running
+straight-line code: read the script file once through trusted descriptors
+and copy those bytes into a private working directory; then a kept module is
+loaded, or the copy is compiled (``stap -p4``) and its module loaded (a
+--max-starting slot is held from the compile until the output appears), or
+an executable script (or a script the loader cannot run alone) runs as it
+is; then the session serves until the process exits, the keepalive passes
+without requests, or a stop is asked for; an autostart script that exits is
+restarted after a backoff.
+
+Requests get an ``Outcome``, never HTTP (``web/app.py`` maps outcomes to
+status codes).  The clock, the waits, the process launcher and the signals
+are injectable, so tests drive a session with a fake clock and fake
+processes.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import stat
+import tempfile
+import time
+from typing import Callable, Deque, List, Optional
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent import subprocess
+
+from .. import trust
+from ..logs import escape_line
+from ..offhub import in_pool
+from ..states import (BACKOFF, FAILED, OUTPUT_PENDING_STATES, REFUSED, RUNNING, SERVING_STATES,
+                      STARTABLE_STATES, STARTING, STOPPED, STOPPING, TRANSITIONS)
+from . import build, naming, output
+from .catalog import Script
+from .declarations import Annotator, parse_declarations
+from .process import Process, Seams, Waiter, remove_module_dirs, rmtree, stop_budget, wait_any
+
+log = logging.getLogger("stap-exporter")
+
+# Lines of a script's standard error kept for error pages and the index.
+STDERR_TAIL = 20
+
+# Backoff for autostart scripts that exit: 1 s doubling to 60 s, back to 1 s
+# once a run has lasted BACKOFF_RESET seconds.
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 60.0
+BACKOFF_RESET = 30.0
+
+# The longest a request that finds its script starting waits for output.
+START_WAIT = 1.0
+# While a request waits for a starting script, how often it looks for the
+# output (it also wakes at once when the state changes).
+LOCATE_INTERVAL = 0.05
+
+# Retry-After (seconds) of answers that are not the output.
+RETRY_BUSY = 5           # --max-scripts refused the start
+RETRY_QUEUED = 2         # the start waits its turn (--max-starting)
+RETRY_STOPPING = 1       # stopping: the next request starts it again
+RETRY_STARTING = 2       # starting (compiling)
+RETRY_UNAVAILABLE = 1    # running, but the output could not be read
+RETRY_MIN = 1            # the least Retry-After a backoff answer gives
+
+# While a script starts (or its output is refused), how often the watchdog
+# looks for its output (metadata only, nothing is opened): often right after
+# a spawn (a loader makes its output within milliseconds), then a quarter of
+# the time since the spawn, up to OUTPUT_POLL_INTERVAL (a compile takes a
+# while).
+OUTPUT_POLL_FIRST = 0.0025
+OUTPUT_POLL_INTERVAL = 0.2
+
+# How a script trust refusal starts (to know when one is fixed), and how many
+# distinct refusals a session remembers (each is logged once).
+SCRIPT_REFUSAL = "refused to run "
+MAX_REFUSALS_REMEMBERED = 64
+
+# The kinds of process a start runs (the log's run= field).
+WRAPPER = "wrapper"   # an executable script, as it is
+DRIVER = "driver"     # STAP -m MODULE FILE
+COMPILE = "compile"   # STAP -p4 -m MODULE FILE
+LOAD = "load"         # the loader alone, on the compiled module
+
+# Why a wait ended.
+EXIT, STOP, IDLE, OUTPUT = "exit", "stop", "idle", "output"
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    """What a session needs from the exporter's configuration (built by
+    ``server.Exporter`` from ``cli.Config``; no defaults of its own)."""
+
+    stap: List[str]
+    procfs_dirs: List[str]
+    keepalive: Optional[float]
+    start_wait: float
+    stop_grace: float
+    workdir_root: str
+    max_output: int
+    plan: Optional[build.Plan]          # None: plain scripts run through the stap driver
+    cache: Optional[build.ModuleCache]  # compiled modules kept (None: none)
+    insecure_scripts: bool              # skip the script trust checks (--insecure-scripts)
+
+
+class Outcome:
+    """What a scrape produced.  KIND is one of the constants below."""
+
+    OK = "ok"                # BODY is the script's output
+    NOT_READY = "not_ready"  # starting, restarting or stopping: try again soon
+    FAILED = "failed"        # the script exited with an error: MESSAGE says why
+    UNAVAILABLE = "unavailable"  # running, but its output could not be read
+    BUSY = "busy"            # not started: a cap on running or starting scripts
+    # Refusals (trust.py): MESSAGE names the path and the reason.
+    UNTRUSTED = "untrusted_output"  # the output path is not trusted: nothing read
+    FORBIDDEN = "untrusted_script"  # the script file is not trusted: not started
+
+    __slots__ = ("kind", "body", "message", "retry_after")
+
+    def __init__(self, kind: str, body: bytes = b"", message: str = "",
+                 retry_after: Optional[float] = None):
+        self.kind = kind
+        self.body = body
+        self.message = message
+        self.retry_after = retry_after
+
+    def __repr__(self):
+        return "Outcome(%s, %r)" % (self.kind, self.message or self.body[:40])
+
+
+def not_ready(message: str, retry_after: float) -> Outcome:
+    return Outcome(Outcome.NOT_READY, message=message, retry_after=retry_after)
+
+
+def unavailable(message: str) -> Outcome:
+    return Outcome(Outcome.UNAVAILABLE, message=message, retry_after=RETRY_UNAVAILABLE)
+
+
+class Backoff:
+    """When an autostart script that exited is restarted (the delays above)."""
+
+    def __init__(self):
+        self._next = BACKOFF_FIRST
+
+    def reset(self) -> None:
+        self._next = BACKOFF_FIRST
+
+    def delay(self, uptime: float) -> float:
+        """The delay before the restart after a run of UPTIME seconds."""
+        if uptime >= BACKOFF_RESET:
+            self._next = BACKOFF_FIRST
+        delay = self._next
+        self._next = min(self._next * 2, BACKOFF_CAP)
+        return delay
+
+
+def describe_exit(returncode: Optional[int]) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal %d" % -returncode
+        return "killed by %s" % name
+    return "exit status %d" % returncode
+
+
+def output_poll_interval(since_spawn: float) -> float:
+    """How long the watchdog waits before it looks for the output again,
+    SINCE_SPAWN seconds after the process was spawned."""
+    return min(OUTPUT_POLL_INTERVAL, max(OUTPUT_POLL_FIRST, since_spawn / 4))
+
+
+class _StartEnded(Exception):
+    """A start ends before its script runs; the state is already set."""
+
+
+class _SpawnFailed(Exception):
+    """A process of a start could not be forked (the message says why)."""
+
+
+class Session:
+    """One script: its lifecycle and the answers to requests for it."""
+
+    def __init__(self, script: Script, config: SessionConfig,
+                 clock: Callable[[], float] = time.monotonic,
+                 popen=subprocess.Popen, wait: Waiter = wait_any,
+                 killpg: Callable[[int, int], None] = os.killpg,
+                 kill: Callable[[int, int], None] = os.kill,
+                 admit: Optional[Callable[["Session"], Optional[str]]] = None,
+                 start_slots: Optional["StartSlots"] = None):
+        self.script = script
+        self.config = config
+        self.clock = clock
+        self._os = Seams(clock=clock, wait=wait, popen=popen, killpg=killpg, kill=kill)
+        self._admit = admit
+        self._start_slots = start_slots or StartSlots(None)  # --max-starting, shared
+        self.state = STOPPED
+        self.last_error: Optional[str] = None
+        self.started_at: Optional[float] = None       # clock() as the last start's spawn began
+        self.first_output_at: Optional[float] = None  # clock() of the last start's first output
+        self.backoff_until: Optional[float] = None
+        self.starts = 0
+        self.restarts = 0
+        self.exits = collections.Counter()  # outcome -> count
+        self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self.last_request = clock()
+        self.requests_in_flight = 0  # scrapes under way: the script is not idle meanwhile
+        self.queued = False          # the start waits for a --max-starting slot
+        self._proc: Optional[Process] = None
+        self._workdir: Optional[str] = None
+        self._watchdog: Optional[gevent.Greenlet] = None
+        self._stop_requested = False
+        self._wake = gevent.event.Event()
+        self._changed = gevent.event.Event()
+        self._backoff = Backoff()
+        self._reader = output.OutputReader(script.name, script.module, config.procfs_dirs,
+                                           config.max_output, clock)
+        self._produced = False         # this run's output has appeared (and was trusted)
+        self._refusals_logged = set()  # trust refusals logged (once per cause)
+        self._driver_reason: Optional[str] = None  # why this script now runs the driver way
+
+    # -- what the index page and the self-metrics read ----------------------
+
+    @property
+    def name(self) -> str:
+        return self.script.name
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def last_output_bytes(self) -> int:
+        return self._reader.last_output_bytes
+
+    @property
+    def output_read(self) -> bool:
+        """True once the current run's output has been read."""
+        return self._reader.read_this_run
+
+    @property
+    def serving(self) -> bool:
+        """True while a process runs whose output a request may be answered
+        from (a refused output is checked again)."""
+        return self.state in SERVING_STATES and (self.state != REFUSED or self._proc is not None)
+
+    @property
+    def live(self) -> bool:
+        """True while a start, a process or a restart is under way."""
+        return self._watchdog is not None
+
+    def uptime(self) -> Optional[float]:
+        if self.serving and self._proc is not None and self.started_at is not None:
+            return self.clock() - self.started_at
+        return None
+
+    def retry_in(self) -> Optional[float]:
+        """Seconds until the watchdog restarts the script (backoff) or checks
+        its refused file again (autostart); None when it does not wait."""
+        if self.state in (BACKOFF, REFUSED) and self._proc is None and self.live \
+                and self.backoff_until is not None:
+            return max(0.0, self.backoff_until - self.clock())
+        return None
+
+    def stop_budget(self) -> float:
+        """The longest a stop can take (``process.stop_budget``)."""
+        return stop_budget(self.config.stop_grace)
+
+    # -- control ---------------------------------------------------------------
+
+    def touch(self) -> None:
+        """A request arrived: reset the keepalive clock."""
+        self.last_request = self.clock()
+
+    def start(self) -> None:
+        """Start the script if it is not under way; the watchdog greenlet
+        does the work."""
+        if self.state not in STARTABLE_STATES or self.live:
+            return
+        self._stop_requested = False
+        self._backoff.reset()
+        self._transition(STARTING)
+        self._watchdog = gevent.spawn(self._watch)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop the script (SIGTERM, then SIGKILL after the grace) and wait
+        for it, at most TIMEOUT seconds (default: the stop budget)."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            return
+        self._stop_requested = True
+        self._wake.set()
+        watchdog.join(timeout if timeout is not None else self.stop_budget())
+
+    def retry_now(self) -> None:
+        """End the watchdog's wait at once (a request found the refused
+        file of an autostart script fixed)."""
+        self.backoff_until = self.clock()
+        self._wake.set()
+
+    def script_refusal(self) -> Optional[str]:
+        """None if the script file may run as root now, else why not.  Shown
+        as the last error while it lasts; a session without a process turns
+        REFUSED while it lasts and STOPPED once fixed."""
+        if self.config.insecure_scripts:
+            return None
+        refusal = trust.script_refusal(self.script.path)
+        idle = not self.live
+        if refusal:
+            refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, refusal)
+            self.last_error = refusal
+            if idle and self.state in (STOPPED, FAILED):
+                self._transition(REFUSED)
+            return refusal
+        if self.last_error and self.last_error.startswith(SCRIPT_REFUSAL):
+            self.last_error = None  # fixed since
+        if idle and self.state == REFUSED:
+            self._transition(STOPPED)
+        return None
+
+    # -- the answer to a request ------------------------------------------
+
+    def scrape(self, timeout: float) -> Outcome:
+        """Answer one request: start the script if needed, and read its output
+        if it is readable within the deadline (a starting script gets at most
+        ``start_wait`` seconds).  While it waits, the script is not idle;
+        idle time counts from the end of the last request."""
+        self.touch()
+        self.requests_in_flight += 1
+        try:
+            return self._scrape(timeout)
+        finally:
+            self.requests_in_flight -= 1
+            self.touch()
+
+    def _scrape(self, timeout: float) -> Outcome:
+        if self.state in STARTABLE_STATES and self._proc is None:
+            refusal = self.script_refusal()  # an idle session turns REFUSED or back
+            if refusal:
+                self._note_refusal(refusal)
+                return Outcome(Outcome.FORBIDDEN, message=refusal)
+            if self.state == REFUSED:
+                # An autostart script waiting to check its file again: now.
+                self.retry_now()
+                return self._starting()
+        if self.state == FAILED and not self.live:
+            # Report the failure once; the next request starts afresh.
+            outcome = Outcome(Outcome.FAILED, message=self.failure_report())
+            self._transition(STOPPED)
+            return outcome
+        if self.state in STARTABLE_STATES and not self.live:
+            refusal = self._admit(self) if self._admit is not None else None
+            if refusal is not None:
+                return Outcome(Outcome.BUSY, message=refusal, retry_after=RETRY_BUSY)
+            self.start()
+        if self.state == STOPPING:
+            return not_ready("The script is stopping; it will start again on the next"
+                             " request.", RETRY_STOPPING)
+        if self.state == BACKOFF:
+            wait = max(0.0, (self.backoff_until or 0) - self.clock())
+            return not_ready("The script exited (%s) and will be restarted in %.0f s.\n%s"
+                             % (self.last_error or "", wait, self._tail_text()),
+                             max(RETRY_MIN, round(wait)))
+        return self._read_live(timeout)
+
+    def _read_live(self, timeout: float) -> Outcome:
+        budget = min(timeout, self.config.start_wait) if self.state == STARTING else timeout
+        deadline = self.clock() + budget
+        while True:
+            path = self._reader.locate() if self.serving else self._reader.path
+            if path is not None and (self.state != STARTING or self._proc is not None):
+                try:
+                    data = self._reader.read(max(0.0, deadline - self.clock()), self._proc)
+                except FileNotFoundError:
+                    self._reader.path = None
+                except output.UntrustedOutput as exc:
+                    self._reader.path = None
+                    self._output_refused(str(exc))
+                    return Outcome(Outcome.UNTRUSTED, message=str(exc))
+                except output.OutputTimeout as exc:
+                    if self.state == STARTING:
+                        return self._starting()
+                    return unavailable(str(exc))
+                except output.OutputError as exc:
+                    return unavailable(str(exc))
+                else:
+                    if self.serving:
+                        self._output_ok()
+                    return Outcome(Outcome.OK, body=data)
+            if not self.serving:
+                # It exited (or is being stopped) while we waited.
+                return self._scrape(timeout) if self.state != STOPPED else self._starting()
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                if self.state == STARTING:
+                    return self._starting()
+                return unavailable("The script is running but its output file"
+                                   " (%s/__prometheus) is missing." % self.script.module)
+            self._os.wait([self._changed], min(LOCATE_INTERVAL, remaining))
+
+    def _starting(self) -> Outcome:
+        if self.queued:
+            return Outcome(Outcome.BUSY, retry_after=RETRY_QUEUED, message=(
+                "%d scripts are starting, the most allowed at once (--max-starting); this"
+                " one is queued and starts as soon as one of them is done"
+                % self._start_slots.taken))
+        return not_ready("The script %s is starting (systemtap may be compiling it)."
+                         % self.name, RETRY_STARTING)
+
+    def failure_report(self) -> str:
+        text = "The script %s failed: %s." % (self.name, self.last_error or "unknown error")
+        tail = self._tail_text()
+        if tail:
+            text += "\nLast lines of its standard error:\n" + tail
+        return text
+
+    # -- the watchdog: one greenlet per live script --------------------------
+
+    def _watch(self) -> None:
+        try:
+            while True:
+                uptime = self._run_once()
+                if uptime is None:  # stopped, or refused until the next request
+                    return
+                if not self.script.autostart or self._stop_requested:
+                    self._transition(FAILED)
+                    return
+                delay = self._backoff.delay(uptime)
+                self.backoff_until = self.clock() + delay
+                log.info("backoff: script=%s restarting in %.0f s after %s", self.name, delay,
+                         self.last_error)
+                self._transition(BACKOFF)
+                if not self._wait_retry():
+                    return
+                self.restarts += 1
+                self._transition(STARTING)
+        except BaseException:
+            log.exception("watchdog-crashed: script=%s", self.name)
+            if self._proc is not None:
+                self._proc.signal_group(signal.SIGKILL)
+            raise
+        finally:
+            self._watchdog = None
+            self._wake.clear()
+
+    def _run_once(self) -> Optional[float]:
+        """One start, to its end.  Returns the run's uptime when it failed or
+        exited on its own (FAILED or BACKOFF is the caller's), None when it
+        was stopped (STOPPED) or its file refused (REFUSED)."""
+        self.stderr_tail.clear()
+        self._produced = False
+        self._spawned = False
+        try:
+            source, st = self._read_source()
+        except _StartEnded:
+            return None
+        except OSError as exc:
+            return self._start_failed("cannot read %s: %s" % (self.script.path, exc.strerror))
+        try:
+            workdir = self._workdir = self._make_workdir(source)
+            self._reader.annotator = Annotator(parse_declarations(
+                source.decode("utf-8", "replace"))) or None
+            if st.st_mode & 0o111:
+                return self._run_whole(WRAPPER, [self._copy(workdir), "-m", self.script.module],
+                                       workdir)
+            plan = self.config.plan
+            reason = self._driver_reason or (plan.driver_reason if plan else "no loader plan")
+            if reason is not None:
+                if plan is not None and self._driver_reason is None:
+                    plan.note_driver(reason)
+                return self._run_whole(DRIVER, self._driver_argv(workdir), workdir)
+            kept = self._kept_module(build.digest(source))
+            if kept is not None:
+                uptime = self._load_kept(kept, workdir)
+                if uptime is not False:
+                    return uptime
+            return self._compile_and_load(build.digest(source), workdir)
+        except _StartEnded:
+            return None
+        except _SpawnFailed as exc:
+            return self._start_failed(str(exc))
+        except OSError as exc:
+            return self._start_failed("cannot start %s: %s" % (self.name, exc.strerror))
+        finally:
+            self._finish_run()
+
+    def _finish_run(self) -> None:
+        """End the process and remove the start's working directory: before
+        the state says the run is over, so nobody sees a stopped script whose
+        files are still there."""
+        self._end_process()
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            rmtree(workdir)
+
+    def _stopped(self) -> None:
+        self._finish_run()
+        if self.state != STOPPING:
+            self._transition(STOPPING)
+        self._transition(STOPPED)
+
+    def _read_source(self):
+        """The script file's bytes and fstat, read once through trusted
+        descriptors (``trust.read_script``): what the rest of the start
+        digests, parses and runs.  A refusal ends the start REFUSED."""
+        try:
+            return in_pool(trust.read_script, self.script.path,
+                           not self.config.insecure_scripts)
+        except trust.Untrusted as exc:
+            refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
+        self._note_refusal(refusal)
+        self.backoff_until = None
+        if self.script.autostart and not self._stop_requested:
+            self.backoff_until = self.clock() + self._backoff.delay(0.0)
+        self._transition(REFUSED)
+        if self.backoff_until is not None and self._wait_retry():
+            self._transition(STARTING)
+            return self._read_source()
+        raise _StartEnded()
+
+    def _make_workdir(self, source: bytes) -> str:
+        """A private working directory holding a copy of SOURCE under the
+        script's own name: the compiler and a wrapper run that copy, which
+        nobody else can change."""
+        workdir = tempfile.mkdtemp(prefix=naming.workdir_prefix(os.getpid(), self.script.module),
+                                   dir=self.config.workdir_root)
+        try:
+            in_pool(_write_private, os.path.join(workdir, self.script.name), source)
+        except BaseException:
+            rmtree(workdir)
+            raise
+        return workdir
+
+    def _copy(self, workdir: str) -> str:
+        return os.path.join(workdir, self.script.name)
+
+    def _kept_module(self, script_digest: str) -> Optional[str]:
+        cache = self.config.cache
+        if cache is None or not cache.enabled:
+            return None
+        return in_pool(cache.find, [cache.key(script_digest, suffix, self.script.module)
+                                    for suffix in build.LOADERS
+                                    if not self.config.plan.loader_refusal(suffix)])
+
+    def _load_kept(self, kept: str, workdir: str):
+        """Load the kept module KEPT; its uptime as ``_serve`` returns it, or
+        False when it would not run (forgotten: compile next)."""
+        suffix = os.path.splitext(kept)[1]
+        module_file = self.script.module + suffix
+        try:
+            in_pool(self.config.cache.place, kept, workdir, module_file)
+            proc = self._spawn(LOAD, self.config.plan.loader_argv(suffix, module_file), workdir)
+        except (OSError, trust.Untrusted) as exc:
+            log.warning("cache: script=%s cannot use the kept module (%s); recompiling",
+                        self.name, escape_line(getattr(exc, "strerror", None) or str(exc)))
+            self.config.cache.drop(kept)
+            return False
+        event = self._wait(proc)
+        if event == EXIT and not self._produced:
+            # A changed kernel or runtime, say: forget it and compile afresh,
+            # without bothering the client.
+            log.warning("cache: script=%s pid=%d compiled module failed (%s); recompiling",
+                        self.name, proc.pid, describe_exit(proc.returncode))
+            self.config.cache.drop(kept)
+            self._end_process()
+            return False
+        return self._after(proc, event)
+
+    def _compile_and_load(self, script_digest: str, workdir: str) -> Optional[float]:
+        plan = self.config.plan
+        with self._start_slots.hold(self):
+            proc = self._spawn(COMPILE, plan.compile_argv(self.script.module,
+                                                          self._copy(workdir)), workdir)
+            event = self._wait(proc)
+            if event != EXIT:
+                return self._after(proc, event)
+            module_file = _compiled_module(workdir, self.script.module)
+            if proc.returncode != 0 or module_file is None:
+                if proc.returncode == 0:
+                    self.stderr_tail.append("the compile left no module in its working directory")
+                return self._exited(proc)
+            log.info("compiled: script=%s pid=%d module=%s", self.name, proc.pid,
+                     self.script.module)
+            self._end_process()
+            suffix = os.path.splitext(module_file)[1]
+            refusal = plan.loader_refusal(suffix)
+            if refusal:
+                plan.note_driver(refusal)
+                return self._serve(self._spawn(DRIVER, self._driver_argv(workdir), workdir))
+            if self.config.cache is not None and self.config.cache.store(
+                    workdir, module_file,
+                    self.config.cache.key(script_digest, suffix, self.script.module)):
+                log.info("cache: script=%s kept the compiled module for the next start",
+                         self.name)
+            proc = self._spawn(LOAD, plan.loader_argv(suffix, module_file), workdir)
+            event = self._wait(proc, until_output=True)
+            if event == EXIT and not self._produced:
+                # The loader alone does not run here as stap would run it (an
+                # environment stap's wrapper sets up, say): from now on this
+                # script runs through the stap driver.
+                self._driver_reason = "the loader alone failed (%s)" % describe_exit(
+                    proc.returncode)
+                log.warning("driver: script=%s pid=%d %s; running it through the stap driver"
+                            " from now on", self.name, proc.pid, self._driver_reason)
+                self._end_process()
+                proc = self._spawn(DRIVER, self._driver_argv(workdir), workdir)
+                event = self._wait(proc, until_output=True)
+            if event != OUTPUT:
+                return self._after(proc, event)
+        return self._serve(proc)
+
+    def _driver_argv(self, workdir: str) -> List[str]:
+        return list(self.config.stap) + ["-m", self.script.module, self._copy(workdir)]
+
+    def _run_whole(self, kind: str, argv: List[str], workdir: str) -> Optional[float]:
+        """Run a wrapper or the stap driver: compile and run in one process
+        (it holds a --max-starting slot until its output appears)."""
+        with self._start_slots.hold(self):
+            proc = self._spawn(kind, argv, workdir)
+            event = self._wait(proc, until_output=True)
+            if event != OUTPUT:
+                return self._after(proc, event)
+        return self._serve(proc)
+
+    def _serve(self, proc: Process) -> Optional[float]:
+        """Serve until the process exits, idles out or is stopped."""
+        return self._after(proc, self._wait(proc))
+
+    def _after(self, proc: Process, event: str) -> Optional[float]:
+        """The run ends by EVENT: stopped (None) or exited (its uptime)."""
+        if event == EXIT:
+            return self._exited(proc)
+        self._transition(STOPPING)
+        log.info("stopping: script=%s pid=%d reason=%s", self.name, proc.pid,
+                 "idle for %gs" % self.config.keepalive if event == IDLE else event)
+        proc.terminate(self.config.stop_grace)
+        self._finish_run()
+        self.exits["stopped"] += 1
+        log.info("stopped: script=%s pid=%d (%s)", self.name, proc.pid,
+                 describe_exit(proc.returncode))
+        self._transition(STOPPED)
+        return None
+
+    def _exited(self, proc: Process) -> Optional[float]:
+        uptime = self.clock() - (self.started_at or self.clock())
+        self._finish_run()
+        self.last_error = describe_exit(proc.returncode)
+        self.exits["error" if proc.returncode != 0 else "exited"] += 1
+        log.warning("exited: script=%s pid=%d (%s; not expected)", self.name, proc.pid,
+                    self.last_error)
+        if self._stop_requested:
+            self._stopped()
+            return None
+        return uptime
+
+    def _start_failed(self, message: str) -> Optional[float]:
+        log.error("spawn-failed: script=%s %s", self.name, escape_line(message))
+        self.last_error = message
+        self.stderr_tail.append(message)
+        self.exits["spawn_error"] += 1
+        if self._stop_requested:
+            self._stopped()
+            return None
+        return 0.0
+
+    def _spawn(self, kind: str, argv: List[str], workdir: str) -> Process:
+        """Fork the next process of the start.  Raises OSError."""
+        if self._stop_requested:
+            self._stopped()
+            raise _StartEnded()
+        self._reader.new_run()
+        # A stale output from an earlier run that died unseen would be read
+        # instead of the new one (and never answer): start from a clean slate.
+        for directory in remove_module_dirs(self.script.module, self.config.procfs_dirs):
+            log.warning("stale: script=%s removed %s left by an earlier run", self.name,
+                        directory)
+        proc = Process(self.name, kind, self.stderr_tail, self._os)
+        began = self.clock()  # the spawn yields to the hub until the exec
+        try:
+            proc.spawn(argv, workdir)
+        except OSError as exc:
+            raise _SpawnFailed("cannot run %s: %s" % (argv[0], exc.strerror)) from None
+        self._proc = proc
+        if not self._spawned:  # the start's first process: when the start began
+            self._spawned = True
+            self.started_at = began
+            self.starts += 1
+        self.last_error = None
+        shown = escape_line(" ".join(argv))
+        if kind == COMPILE:
+            log.info("compiling: script=%s pid=%d module=%s argv=%s", self.name, proc.pid,
+                     self.script.module, shown)
+        else:
+            log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.name, proc.pid,
+                     self.script.module, kind, shown)
+        return proc
+
+    def _wait(self, proc: Process, until_output: bool = False) -> str:
+        """Block until the process exits (EXIT), a stop is asked for (STOP),
+        the keepalive passes without requests (IDLE) or, with UNTIL_OUTPUT,
+        its output has appeared (OUTPUT).  Until the output appears (or while
+        it is refused), look for it (``output_poll_interval``)."""
+        keepalive = self.config.keepalive
+        looking = proc.kind != COMPILE
+        while True:
+            if self._stop_requested:
+                return STOP
+            timeout = None
+            if keepalive is not None and not self.script.autostart:
+                timeout = keepalive if self.requests_in_flight else \
+                    self.last_request + keepalive - self.clock()
+                if timeout <= 0:
+                    return IDLE
+            if looking and self.state in OUTPUT_PENDING_STATES:
+                self._look_for_output()
+            if until_output and self.state == RUNNING:
+                return OUTPUT
+            if looking and self.state in OUTPUT_PENDING_STATES:
+                poll = output_poll_interval(self.clock() - proc.spawned_at)
+                timeout = poll if timeout is None else min(timeout, poll)
+            self._os.wait([proc.result, self._wake], timeout)
+            if proc.exited() and not self._stop_requested:
+                return EXIT
+            self._wake.clear()
+
+    def _wait_retry(self) -> bool:
+        """Sleep until ``backoff_until``; False (and STOPPED) if a stop came
+        first.  Counts a backoff's restart."""
+        while not self._stop_requested:
+            remaining = (self.backoff_until or 0) - self.clock()
+            if remaining <= 0:
+                return True
+            self._os.wait([self._wake], remaining)
+            self._wake.clear()
+        self._transition(STOPPED)
+        return False
+
+    def _end_process(self) -> None:
+        """What every end of a process needs: drain its output pumps, stop
+        what is left of its group, remove any module directory the runtime
+        left (the BPF runtime's FIFO directory after a SIGKILL), forget it."""
+        proc = self._proc
+        if proc is None:
+            return
+        proc.reap(self.config.stop_grace)
+        remove_module_dirs(self.script.module, self.config.procfs_dirs)
+        self._reader.path = None
+        self._proc = None
+
+    # -- state -------------------------------------------------------------
+
+    def _transition(self, new: str) -> None:
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise RuntimeError("%s: invalid transition %s -> %s" % (self.name, old, new))
+        self.state = new
+        log.debug("state: script=%s %s -> %s", self.name, old, new)
+        changed, self._changed = self._changed, gevent.event.Event()
+        changed.set()
+
+    def _note_refusal(self, message: str) -> None:
+        """A trust refusal: shown as the last error, logged once per cause."""
+        self.last_error = message
+        if message not in self._refusals_logged:
+            if len(self._refusals_logged) >= MAX_REFUSALS_REMEMBERED:
+                self._refusals_logged.clear()
+            self._refusals_logged.add(message)
+            log.warning("refused: script=%s %s", self.name, escape_line(message))
+
+    def _look_for_output(self) -> None:
+        """STARTING (or REFUSED for its output) -> RUNNING once the output
+        exists and may be trusted, or -> REFUSED when it may not."""
+        exists, refusal = self._reader.appeared()
+        if not exists:
+            return
+        if refusal:
+            self._output_refused(refusal)
+        else:
+            self._output_ok()
+
+    def _output_refused(self, message: str) -> None:
+        """The running process's output is not trusted: REFUSED (the process
+        runs on), MESSAGE shown and logged once."""
+        if self.state in (STARTING, RUNNING) and self._proc is not None:
+            self._transition(REFUSED)
+        self._note_refusal(message)
+
+    def _output_ok(self) -> None:
+        """The output exists and passed the trust checks: RUNNING, the
+        first-output time of this run noted, a refusal's error forgotten."""
+        if self.first_output_at is None or self.started_at is None \
+                or self.first_output_at < self.started_at:
+            self.first_output_at = self.clock()
+        self._produced = True
+        if self.last_error in self._refusals_logged:
+            self.last_error = None  # the cause is gone
+        self._refusals_logged.clear()
+        if self.state == STARTING:
+            self._transition(RUNNING)
+            log.info("running: script=%s pid=%s output appeared after %.1f s", self.name,
+                     self.pid, self.first_output_at - (self.started_at or self.first_output_at))
+        elif self.state == REFUSED:
+            self._transition(RUNNING)
+            log.info("running: script=%s pid=%s output trusted again", self.name, self.pid)
+
+    def _tail_text(self) -> str:
+        return "\n".join(self.stderr_tail)
+
+
+class StartSlots:
+    """--max-starting: how many starts may compile at once, shared by every
+    session.  A slot is taken at once when one is free and nobody waits;
+    otherwise the start is queued and woken in turn (a new start never jumps
+    the queue).  LIMIT None: no limit."""
+
+    def __init__(self, limit: Optional[int]):
+        self.limit = limit
+        self._semaphore = gevent.lock.Semaphore(limit or 1)
+
+    @property
+    def taken(self) -> int:
+        return 0 if self.limit is None else self.limit - self._semaphore.counter
+
+    @contextlib.contextmanager
+    def hold(self, session: Session):
+        """Hold a slot for SESSION's start; a stop while it is queued ends
+        the start (``_StartEnded``, the session STOPPED)."""
+        if self.limit is None:
+            yield
+            return
+        semaphore = self._semaphore
+        if semaphore.linkcount() == 0 and semaphore.acquire(blocking=False):
+            held = True
+        else:
+            held = self._queue(session)
+        try:
+            yield
+        finally:
+            if held:
+                semaphore.release()
+
+    def _queue(self, s: Session) -> bool:
+        s.queued = True
+        log.info("queued: script=%s %d scripts are starting (--max-starting %d); it starts"
+                 " when one of them is done", s.name, self.taken, self.limit)
+        waiter = gevent.spawn(self._semaphore.acquire)
+        try:
+            while not waiter.ready() and not s._stop_requested:
+                s._os.wait([waiter, s._wake], None)
+                s._wake.clear()
+        finally:
+            s.queued = False
+            if not waiter.ready():
+                waiter.kill()
+        if s._stop_requested:
+            if waiter.successful() and waiter.value is True:
+                self._semaphore.release()
+            s._stopped()
+            raise _StartEnded()
+        log.info("dequeued: script=%s starting (its turn under --max-starting)", s.name)
+        s.touch()  # its idle time counts from its start, not from the request that queued it
+        return True
+
+
+def _compiled_module(workdir: str, module: str) -> Optional[str]:
+    """The module file a compile left in WORKDIR (a regular file, not a
+    link), or None."""
+    for suffix in build.LOADERS:
+        name = module + suffix
+        try:
+            if stat.S_ISREG(os.lstat(os.path.join(workdir, name)).st_mode):
+                return name
+        except OSError:
+            continue
+    return None
+
+
+def _write_private(path: str, content: bytes) -> None:
+    """Write CONTENT to the new file PATH, readable and runnable by its
+    owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o700)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        trust.close_now(fd)
