@@ -1,6 +1,8 @@
-"""The documentation agrees with the code: every docopt option is documented in
-the man page and the README, the man page is clean roff, and the README's test
-command is the one CI runs."""
+"""The documentation agrees with the code: every docopt option and its default
+is in the man page and the README, every endpoint and status code in the man
+page, each self-metric, state and scrape-error reason in docs/operating.md; the
+README and the man page stay short, the man page is clean roff, and the
+README's commands are the ones CI and the demo run."""
 
 import glob
 import os
@@ -15,9 +17,16 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 MANPAGE = os.path.join(ROOT, "man", "stap-exporter.8")
 README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs")
+OPERATING = os.path.join(DOCS, "operating.md")
+WRITING = os.path.join(DOCS, "writing-scripts.md")
 CI_RUN = os.path.join(ROOT, ".ci", "run")
 
 TEST_COMMAND = "bash tools/install-deps && python3 -m pytest"
+RUN_COMMAND = "bash tools/demo"
+
+README_MAX_BYTES = 12 * 1024
+MANPAGE_MAX_BYTES = 20 * 1024
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -48,6 +57,26 @@ def usage_options():
     return sorted(names)
 
 
+def documented_defaults():
+    """{option: default as the docs write it} for every option with a value
+    default, and "off" for every flag, from docopt's reading of the usage
+    text (what --help prints).  The procfs default names the exporter's user,
+    which the docs write as USER."""
+    from docopt import parse_defaults
+    from stapexporter_lib import procfs
+    user = procfs.default_dirs()[-1].split("systemtap-", 1)[1]
+    defaults = {}
+    for option in parse_defaults(cli.usage_text()):
+        name = option.long or option.short
+        if name in ("--help", "--version"):
+            continue
+        if option.argcount == 0:
+            defaults[name] = "off"
+        elif option.value is not None:
+            defaults[name] = option.value.replace("systemtap-" + user, "systemtap-USER")
+    return defaults
+
+
 def unroff(text):
     """Man page source with the escapes that matter for option names undone."""
     text = re.sub(r"\\f(?:[BIRP]|\(..|\[[^]]*\])", "", text)  # font changes
@@ -56,9 +85,59 @@ def unroff(text):
     return text
 
 
+def roff_plain(text):
+    """Man page source as the reader sees it, roughly: escapes undone, font
+    macros replaced by their arguments (the alternating ones joined without
+    spaces), lines joined."""
+    words = []
+    # A non-breaking space (\~) stays inside a macro argument.
+    for line in unroff(text.replace("\\~", "\0")).splitlines():
+        match = re.match(r"^\.(B|I|BI|BR|IR|IB|RB|RI)\s+(.*)$", line)
+        if match:
+            args = re.findall(r'"([^"]*)"|(\S+)', match.group(2))
+            parts = [quoted or bare for quoted, bare in args]
+            line = " ".join(parts) if len(match.group(1)) == 1 else "".join(parts)
+        elif line.startswith("."):
+            continue
+        words.append(line.replace("\0", " "))
+    return " ".join(" ".join(words).split())
+
+
+def manpage_section(title):
+    match = re.search(r"^\.SH %s\n(.*?)(?=^\.SH |\Z)" % re.escape(title), read(MANPAGE),
+                      re.M | re.S)
+    assert match, "man page has no %s section" % title
+    return match.group(1)
+
+
+def manpage_entries(title):
+    """(tag, text) of each .TP entry of a man page section, both plain."""
+    entries = []
+    for chunk in manpage_section(title).split(".TP\n")[1:]:
+        tag, _, rest = chunk.partition("\n")
+        entries.append((roff_plain(tag), roff_plain(rest)))
+    return entries
+
+
 def mentions(text, option):
     """OPTION appears as a whole option name (--log not matching --log-level)."""
     return re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(option), text) is not None
+
+
+def readme_option_row(option):
+    """The cells of README's options-table row whose first cell names OPTION."""
+    for line in read(README).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `-") and mentions(cells[0], option):
+            return cells
+    return None
+
+
+def manpage_option_entry(option):
+    for tag, text in manpage_entries("OPTIONS"):
+        if mentions(tag, option):
+            return text
+    return None
 
 
 def test_usage_has_options():
@@ -67,18 +146,44 @@ def test_usage_has_options():
     for expected in ("-p", "--port", "-k", "--keepalive", "-s", "--scripts", "-c",
                      "--check", "--help", "--version"):
         assert expected in options, options
+    defaults = documented_defaults()
+    assert defaults["--port"] == "9900" and defaults["--recompile"] == "off", defaults
 
 
 @pytest.mark.parametrize("option", usage_options())
 def test_option_in_manpage(option):
-    assert mentions(unroff(read(MANPAGE)), option), \
-        "option %s (from cli.USAGE) is not documented in man/stap-exporter.8" % option
+    assert manpage_option_entry(option) is not None, \
+        "option %s (from cli.USAGE) has no entry in man/stap-exporter.8's OPTIONS" % option
 
 
 @pytest.mark.parametrize("option", usage_options())
 def test_option_in_readme(option):
-    assert mentions(read(README), option), \
-        "option %s (from cli.USAGE) is not documented in README.md" % option
+    assert readme_option_row(option) is not None, \
+        "option %s (from cli.USAGE) has no row in README.md's options table" % option
+
+
+@pytest.mark.parametrize("option,default", sorted(documented_defaults().items()))
+def test_option_default_in_readme(option, default):
+    row = readme_option_row(option)
+    assert row is not None, "option %s has no row in README.md" % option
+    assert row[-1].strip("`") == default, \
+        "README.md gives %s the default %r; cli.USAGE says %r" % (option, row[-1], default)
+
+
+@pytest.mark.parametrize("option,default", sorted(documented_defaults().items()))
+def test_option_default_in_manpage(option, default):
+    text = manpage_option_entry(option)
+    assert text is not None, "option %s has no entry in the man page" % option
+    said = re.findall(r"Default: (.*?)\.?$", text)
+    assert said and said[0].startswith(default) and not said[0][len(default):][:1].strip(" ("), \
+        "the man page gives %s the default %r; cli.USAGE says %r" % (option, said, default)
+
+
+def test_sizes():
+    assert os.path.getsize(README) <= README_MAX_BYTES, \
+        "README.md is over %d bytes: move detail into docs/" % README_MAX_BYTES
+    assert os.path.getsize(MANPAGE) <= MANPAGE_MAX_BYTES, \
+        "man/stap-exporter.8 is over %d bytes: move detail into docs/" % MANPAGE_MAX_BYTES
 
 
 def test_manpage_has_no_groff_warnings():
@@ -92,8 +197,12 @@ def test_manpage_has_no_groff_warnings():
     assert proc.returncode == 0
 
 
-def test_readme_test_command_is_what_ci_runs():
-    assert TEST_COMMAND in read(README)
+def test_readme_commands_are_what_ci_and_the_demo_run():
+    readme = read(README)
+    assert TEST_COMMAND in readme
+    assert re.search(r"^    %s$" % re.escape(RUN_COMMAND), readme, re.M), \
+        "README.md's quick start does not run %r" % RUN_COMMAND
+    assert os.access(os.path.join(ROOT, "tools", "demo"), os.R_OK)
     commands = [line.strip() for line in read(CI_RUN).splitlines()
                 if line.strip() and not line.strip().startswith("#")]
     install = [i for i, c in enumerate(commands) if "tools/install-deps" in c]
@@ -113,28 +222,46 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_manpage_synopsis_mentions_check():
-    text = read(MANPAGE)
-    match = re.search(r"^\.SH\s+\"?SYNOPSIS\"?\s*$(.*?)^\.SH\s", text, re.M | re.S)
-    assert match, "man page has no SYNOPSIS section"
-    assert "--check" in unroff(match.group(1))
+    assert "--check" in unroff(manpage_section("SYNOPSIS"))
 
 
 def test_manpage_synopsis_matches_usage_lines():
     """Each docopt Usage line's options appear in the SYNOPSIS."""
     usage = cli.USAGE.split("Usage:", 1)[1].split("Options:", 1)[0]
-    synopsis = unroff(re.search(r"^\.SH\s+\"?SYNOPSIS\"?\s*$(.*?)^\.SH\s", read(MANPAGE),
-                                re.M | re.S).group(1))
+    synopsis = unroff(manpage_section("SYNOPSIS"))
     for line in usage.strip().splitlines():
         for word in re.findall(r"(?<![\w-])--?[a-z][a-z-]*", line):
             assert mentions(synopsis, word), "%s (usage: %r) not in SYNOPSIS" % (word, line)
 
 
-# --- Reasons, states and metric names: read from the code's own definitions
-# (states.py, session.Outcome, app.py, selfmetrics.py) and looked for in the
-# README and the man page, so a value added to the code without its docs fails
-# here.
+@pytest.mark.parametrize("title", ["SYNOPSIS", "DESCRIPTION", "OPTIONS",
+                                   "ENDPOINTS AND STATUS CODES", "SIGNALS", "FILES",
+                                   "ENVIRONMENT", "EXIT STATUS", "EXAMPLES", "SECURITY",
+                                   "SEE ALSO"])
+def test_manpage_has_reference_section(title):
+    assert manpage_section(title).strip()
+
+
+# --- Endpoints, status codes, reasons, states and metric names: read from the
+# code's own definitions (app.py, httpwire.py, session.Outcome, states.py,
+# selfmetrics.py) and looked for in the one file that documents each.
 
 APP_PY = os.path.join(ROOT, "stapexporter_lib", "app.py")
+
+
+def endpoints():
+    from stapexporter_lib import app
+    return sorted(["/", "/NAME.stp"] + list(app.ROUTES))
+
+
+def status_codes():
+    """Every status code the app or the HTTP layer answers with."""
+    from stapexporter_lib import app, httpwire
+    codes = {int(code) for code in app._STATUS}
+    for value in vars(httpwire).values():
+        if isinstance(value, bytes) and value.startswith(b"HTTP/1.1 "):
+            codes.add(int(value.split()[1]))
+    return sorted(codes)
 
 
 def scrape_error_reasons():
@@ -177,17 +304,15 @@ def self_metric_names():
     return names
 
 
-def manpage_paragraph(text, start):
-    """The man page source from the line containing START to the next .TP/.SH."""
-    tail = text[text.index(start):]
-    end = re.search(r"^\.(TP|SH)\b", tail[len(start):], re.M)
-    return tail[:len(start) + end.start()] if end else tail
-
-
 def line_with(text, needle):
     lines = [line for line in text.splitlines() if needle in line]
     assert lines, "%r not found" % needle
     return lines[0]
+
+
+def doc_files():
+    """The user-facing documents: README, the man page, docs/*.md."""
+    return [README, MANPAGE] + sorted(glob.glob(os.path.join(DOCS, "*.md")))
 
 
 def test_derived_lists_are_not_empty():
@@ -195,35 +320,50 @@ def test_derived_lists_are_not_empty():
     assert {"not_ready", "failed", "unavailable", "busy", "invalid"} <= set(scrape_error_reasons())
     assert {"stopped", "running", "failed"} <= set(session_states())
     assert "stap_exporter_scrape_errors_total" in self_metric_names()
+    assert {"/", "/metrics", "/targets", "/-/healthy", "/-/ready"} <= set(endpoints())
+    assert {200, 400, 401, 403, 404, 405, 408, 431, 502, 503} <= set(status_codes())
+
+
+@pytest.mark.parametrize("path", endpoints())
+def test_endpoint_documented(path):
+    tags = [tag for tag, _ in manpage_entries("ENDPOINTS AND STATUS CODES")]
+    assert path in tags, "the man page's ENDPOINTS has no entry for %s" % path
+    assert re.search(r"^\| `%s` \|" % re.escape(path), read(README), re.M), \
+        "README.md's endpoint table has no row for %s" % path
+
+
+@pytest.mark.parametrize("code", status_codes())
+def test_status_code_in_manpage(code):
+    text = roff_plain(manpage_section("ENDPOINTS AND STATUS CODES"))
+    assert re.search(r"(?<![\d.])%d(?![\d.])" % code, text), \
+        "status code %d is not in the man page's ENDPOINTS AND STATUS CODES" % code
 
 
 @pytest.mark.parametrize("reason", scrape_error_reasons())
 def test_scrape_error_reason_documented(reason):
     word = r"(?<![\w-])%s(?![\w-])" % re.escape(reason)
-    readme_row = line_with(read(README), "`stap_exporter_scrape_errors_total{")
-    assert re.search(word, readme_row), "README's scrape_errors row lacks reason %s" % reason
-    man = unroff(manpage_paragraph(read(MANPAGE), "stap_exporter_scrape_errors_total{"))
-    assert re.search(word, man), "man page's scrape_errors entry lacks reason %s" % reason
+    row = line_with(read(OPERATING), "`stap_exporter_scrape_errors_total{")
+    assert re.search(word, row), "docs/operating.md's scrape_errors row lacks %s" % reason
     help_text = self_metric_names()["stap_exporter_scrape_errors_total"]
     assert re.search(word, help_text), "the metric's help text lacks reason %s" % reason
 
 
 @pytest.mark.parametrize("state", session_states())
 def test_state_documented(state):
-    readme_states = re.search(r"^\* States.*?(?=^\* )", read(README), re.M | re.S).group(0)
-    assert "* `%s`: " % state in readme_states, "state %s not in README's States list" % state
-    lifecycle = re.search(r"^\.SH LIFECYCLE$(.*?)^\.SH ", read(MANPAGE), re.M | re.S).group(1)
-    assert re.search(r"^\.TP\n\.B %s\n" % state, lifecycle, re.M), \
-        "state %s not in the man page's LIFECYCLE list" % state
+    states = read(OPERATING).split("\nThe states:\n", 1)[1].split("\n## ", 1)[0]
+    assert "\n* `%s`: " % state in states, "state %s not in docs/operating.md's states" % state
 
 
 @pytest.mark.parametrize("metric", sorted(self_metric_names()))
 def test_self_metric_documented(metric):
-    assert "`%s{" % metric in read(README) or "`%s`" % metric in read(README), \
-        "README's /metrics table lacks %s" % metric
-    selfmon = unroff(read(MANPAGE)).split(".SH SELF-MONITORING", 1)[1].split("\n.SH ", 1)[0]
-    assert re.search(r"%s(?![\w])" % re.escape(metric), selfmon), \
-        "man page SELF-MONITORING lacks %s" % metric
+    assert re.search(r"^\| `%s[{`]" % re.escape(metric), read(OPERATING), re.M), \
+        "docs/operating.md's self-metrics table lacks %s" % metric
+
+
+def test_self_metrics_are_documented_in_one_file():
+    others = [os.path.relpath(path, ROOT) for path in doc_files()
+              if path != OPERATING and "stap_exporter_" in read(path)]
+    assert not others, "self-metrics belong in docs/operating.md only; also in %s" % others
 
 
 def test_log_timestamps_documented_as_utc():
@@ -232,20 +372,75 @@ def test_log_timestamps_documented_as_utc():
     record = logging.LogRecord("stap-exporter", logging.INFO, __file__, 1, "x", None, None)
     stamp = logs.LogfmtFormatter().format(record).split()[0]
     assert stamp.startswith("ts=") and stamp.endswith("Z"), stamp
-    for name, text in (("README.md", read(README)), ("man page", unroff(read(MANPAGE)))):
-        assert "local time" not in text, "%s says log timestamps are local time" % name
-        assert re.search(r"ts=\d{4}-\d\d-\d\dT[\d:.]+Z ", text), \
-            "%s's log example has no UTC timestamp" % name
+    text = read(OPERATING)
+    assert "local time" not in text, "docs/operating.md says log timestamps are local time"
+    assert re.search(r"ts=\d{4}-\d\d-\d\dT[\d:.]+Z ", text), \
+        "docs/operating.md's log example has no UTC timestamp"
 
 
-def test_readme_scrapes_only_bundled_scripts():
-    """Every /NAME.stp the README's examples scrape is a bundled example."""
-    bundled = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "examples", "**",
-                                                                   "*.stp"), recursive=True)}
-    used = set(re.findall(r"/([\w.-]+\.stp)\b", read(README))) - {"NAME.stp"}
-    assert used, "README scrapes no script"
-    assert used <= bundled, "README refers to scripts no bundled file provides: %s" \
+def bundled_examples():
+    return sorted(os.path.relpath(p, os.path.join(ROOT, "examples"))
+                  for p in glob.glob(os.path.join(ROOT, "examples", "**", "*.stp"),
+                                     recursive=True))
+
+
+@pytest.mark.parametrize("example", bundled_examples())
+def test_example_described_in_writing_scripts(example):
+    assert re.search(r"^\| `%s` \| " % re.escape(os.path.basename(example)), read(WRITING),
+                     re.M), "docs/writing-scripts.md does not describe examples/%s" % example
+
+
+def test_docs_scrape_only_bundled_scripts():
+    """Every /NAME.stp the README and docs/ scrape is a bundled example."""
+    bundled = {os.path.basename(p) for p in bundled_examples()}
+    used = set()
+    for path in [README] + glob.glob(os.path.join(DOCS, "*.md")):
+        used |= set(re.findall(r"/([\w.-]+\.stp)(?![\w.])", read(path))) - {"NAME.stp"}
+    assert "timer-ticks.stp" in used, "README scrapes no script"
+    assert used <= bundled, "the docs refer to scripts no bundled file provides: %s" \
         % sorted(used - bundled)
+
+
+@pytest.mark.parametrize("path", [README] + sorted(glob.glob(os.path.join(DOCS, "*.md"))),
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_relative_links_resolve(path):
+    missing = []
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", read(path)):
+        if not os.path.exists(os.path.join(os.path.dirname(path), target)):
+            missing.append(target)
+    assert not missing, "%s links to missing files: %s" % (os.path.relpath(path, ROOT), missing)
+
+
+def test_readme_links_every_topic():
+    readme = read(README)
+    for topic in ("writing-scripts", "operating", "security", "development", "internals",
+                  "packaging"):
+        assert "](docs/%s.md)" % topic in readme, "README.md does not link docs/%s.md" % topic
+
+
+HISTORY = re.compile(r"\b(issue|point)s? [0-9]", re.I)
+# Words that only describe how the code works; user documents leave them to
+# docs/internals.md.
+INTERNALS = re.compile(r"\b(chain|dirwatch|inotify|thread pool|greenlet|marker file|"
+                       r"single-flight|FIFO)\b", re.I)
+
+
+@pytest.mark.parametrize("path", doc_files() + [os.path.join(ROOT, "bench", "README.md")],
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_docs_tell_no_history(path):
+    found = [line for line in read(path).splitlines() if HISTORY.search(line)]
+    assert not found, "%s refers to history:\n%s" % (os.path.relpath(path, ROOT),
+                                                       "\n".join(found))
+
+
+@pytest.mark.parametrize("path", [p for p in doc_files()
+                                  if os.path.basename(p) not in ("internals.md",
+                                                                 "development.md")],
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_user_docs_leave_out_internals(path):
+    found = [line for line in read(path).splitlines() if INTERNALS.search(line)]
+    assert not found, "%s describes internals:\n%s" % (os.path.relpath(path, ROOT),
+                                                        "\n".join(found))
 
 
 OUTSIDE_REFERENCE = re.compile(r"/work/|\.\./shared/|\b(peers|real-systemtap|style)\.md\b")
@@ -253,7 +448,7 @@ OUTSIDE_REFERENCE = re.compile(r"/work/|\.\./shared/|\b(peers|real-systemtap|sty
 
 def test_tools_and_tests_refer_to_no_file_outside_the_repository():
     offenders = []
-    for directory in ("tools", "tests", ".ci", "debian", "bench"):
+    for directory in ("tools", "tests", ".ci", "debian", "bench", "docs"):
         for dirpath, _dirs, files in os.walk(os.path.join(ROOT, directory)):
             for name in files:
                 path = os.path.join(dirpath, name)
@@ -281,12 +476,7 @@ def test_debian_changelog_version_is_the_program_version():
     assert th and th.group(1) == __version__, "man page .TH names another version"
 
 
-def test_bounds_in_the_docs_are_the_codes():
-    """The bounds the README and the man page quote: the module cache's."""
+def test_cache_bounds_in_the_manpage_are_the_codes():
     from stapexporter_lib.scripts import build as compiled
-    said = {"cache": "%d modules and %d MiB" % (compiled.MAX_ENTRIES,
-                                                  compiled.MAX_BYTES // (1024 * 1024))}
-    for path in (README, MANPAGE):
-        text = " ".join(unroff(read(path)).split())
-        for what, phrase in said.items():
-            assert phrase in text, "%s: %s bound %r" % (path, what, phrase)
+    phrase = "%d modules and %d MiB" % (compiled.MAX_ENTRIES, compiled.MAX_BYTES // (1024 * 1024))
+    assert phrase in roff_plain(read(MANPAGE)), "the man page's cache bound is not %r" % phrase
