@@ -2,28 +2,35 @@
 
 Module names carry the owning exporter's pid (``stapexp_<pid>_...``) and
 working directories are ``stap-exporter.<pid>.*``.  At start-up, what a dead
-exporter left is ours to clean: processes still running one of its modules
-(a script that ignored the death signal), the BPF runtime's module
-directories, and private working directories.  Leftovers of a live exporter
-are never touched.
+exporter left is ours to clean: processes still working in one of its private
+working directories, the BPF runtime's module directories, and the private
+working directories themselves.  Leftovers of a live exporter are never
+touched.
 
 A name alone proves nothing: any local user can name a directory or a
-process like ours.  So a process counts only if it runs as root (or our
-user) and either names a dead exporter's module after ``-m`` or works in a
-dead exporter's private working directory -- a root-owned mode-0700
-directory directly in the temporary directory, which only root can make.  A
-directory is removed only if root (or our user) owns it, through directory
-descriptors without following links (trust.remove_tree).  Processes are
-signalled through pidfds, so a pid that was reused after its process exited
-is never signalled; without pidfds, the process's start time is checked
-again right before each signal.  Whatever the sweep finds (huge numbers,
-odd names, deep trees, entries that vanish), it logs and moves on.
+process like ours, and root programs such as runuser, su or sudo carry a
+user's words in their command line.  So command lines are never read, and a
+process counts only if root (or our user) owns its /proc entry -- checked
+before anything of it is read -- and it works in a dead exporter's private
+working directory: a root-owned mode-0700 directory directly in the
+temporary directory, which only root can make or enter.  Every process an
+exporter starts begins there and stap, staprun, stapio and stapbpf stay
+there.  The process half is kept because the other safeguards do not cover
+everything: the death signal (PR_SET_PDEATHSIG) reaches only the exporter's
+children and only as a SIGTERM a script may ignore, orphans the exporter
+reaped as a child subreaper go to init when it dies, and the unit's
+KillMode=control-group helps only under systemd.
 
-Runs once, before the server accepts connections.
+A directory entry is looked at only if root (or our user) owns it (lstat,
+before anything else), and removed through directory descriptors without
+following links (trust.remove_tree).  Processes are signalled through
+pidfds, so a pid that was reused after its process exited is never
+signalled; without pidfds, the process's start time is checked again right
+before each signal.  The work is bounded whatever others plant: at most
+MAX_ENTRIES entries of each directory (and of /proc) are looked at, and
+refusals beyond the first MAX_LOGGED are only counted.
 
-Owns the start-up sweep.  Must not touch anything of a live exporter (its
-own included), anything another user owns, or run once the server serves;
-the names come from ``naming.py``.
+Runs once, before the server accepts connections; never raises.
 """
 
 import logging
@@ -34,7 +41,7 @@ import signal
 import stat
 import tempfile
 import time
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import gevent
 
@@ -49,6 +56,10 @@ SWEEP_GRACE = 2.0
 _POLL_INTERVAL = 0.05
 # A private working directory is made by mkdtemp: no access for others.
 _PRIVATE_BITS = 0o077
+# The most entries looked at in one directory (about 0.2 s of lstat calls).
+MAX_ENTRIES = 50_000
+# The most refusals logged one by one in a sweep.
+MAX_LOGGED = 10
 
 
 def _alive(pid: int) -> bool:
@@ -66,11 +77,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _dead_owner(text: str) -> bool:
-    owner = owner_pid(text)
-    return owner is not None and owner != os.getpid() and not _alive(owner)
-
-
 def _start_time(proc_dir: str) -> Optional[str]:
     """Field 22 of /proc/PID/stat: with the pid, it identifies a process."""
     try:
@@ -78,6 +84,43 @@ def _start_time(proc_dir: str) -> Optional[str]:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _shown(path: str) -> str:
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class _Refusals:
+    """Logs the first MAX_LOGGED look-alikes left alone and counts the rest."""
+
+    def __init__(self):
+        self.count = 0
+
+    def note(self, fmt: str, path: str, *args) -> None:
+        self.count += 1
+        if self.count <= MAX_LOGGED:
+            log.warning("leftovers: " + fmt, _shown(path), *args)
+
+    def summary(self) -> None:
+        if self.count > MAX_LOGGED:
+            log.warning("leftovers: left %d more look-alikes alone (not logged one by one)",
+                        self.count - MAX_LOGGED)
+
+
+def _entries(directory: str) -> Iterator["os.DirEntry[str]"]:
+    """The first MAX_ENTRIES entries of DIRECTORY; none if it cannot be read."""
+    try:
+        with os.scandir(directory) as entries:
+            for looked, entry in enumerate(entries):
+                if looked == MAX_ENTRIES:
+                    log.warning("leftovers: looked at the first %d entries of %s only",
+                                MAX_ENTRIES, _shown(directory))
+                    return
+                yield entry
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("leftovers: cannot list %s: %s", _shown(directory), exc.strerror)
 
 
 class Leftover:
@@ -118,80 +161,41 @@ class Leftover:
             self.fd = None
 
 
-def why_ours(proc_dir: str, workdir_root: str) -> Optional[str]:
-    """Why the process at PROC_DIR is a dead exporter's, or None if it is
-    not (or is gone).  Never raises."""
+def _dead_workdir(proc_dir: str, workdir_root: str, refusals: _Refusals) -> Optional[str]:
+    """The dead exporter's private working directory that the process at
+    PROC_DIR works in, or None (also when the process is another user's or
+    gone)."""
     try:
-        return _why_ours(proc_dir, workdir_root)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _process_uids(proc_dir: str) -> List[int]:
-    with open(os.path.join(proc_dir, "status")) as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                return [int(x) for x in line.split()[1:]]
-    return []
-
-
-def _why_ours(proc_dir: str, workdir_root: str) -> Optional[str]:
-    with open(os.path.join(proc_dir, "cmdline"), "rb") as f:
-        args = f.read().decode("utf-8", "replace").split("\0")
-    module = None
-    for flag, value in zip(args, args[1:]):
-        m = MODULE_RE.match(value) if flag == "-m" else None
-        if m and _dead_owner(m.group(1)):
-            module = value
-    workdir = _dead_workdir(proc_dir, workdir_root)
-    if module is None and workdir is None:
-        return None
-    uids = _process_uids(proc_dir)
-    if not uids or not set(uids[:2]) <= set(trust.trusted_uids()):
-        log.warning("leftovers: leaving pid %s alone: it runs as %s, though it looks like"
-                    " a dead exporter's (%s)", os.path.basename(proc_dir),
-                    trust.describe_owner(uids[0] if uids else -1),
-                    "module %s" % module if module else "working directory %s" % workdir)
-        return None
-    return "module %s" % module if module else "working directory %s" % workdir
-
-
-def _dead_workdir(proc_dir: str, workdir_root: str) -> Optional[str]:
-    """The process's working directory if it is a dead exporter's private
-    one: named so, directly in WORKDIR_ROOT, owned by root (or us), private."""
-    try:
+        if os.stat(proc_dir).st_uid not in trust.trusted_uids():
+            return None
         cwd = os.readlink(os.path.join(proc_dir, "cwd"))
+        m = _WORKDIR_RE.match(os.path.basename(cwd))
+        owner = owner_pid(m.group(1)) if m else None
+        if os.path.dirname(cwd) != workdir_root or owner in (None, os.getpid()) \
+                or _alive(owner):
+            return None
+        st = os.stat(os.path.join(proc_dir, "cwd"))  # the directory itself, wherever it is now
     except OSError:
         return None
-    m = _WORKDIR_RE.match(os.path.basename(cwd))
-    if not m or os.path.dirname(cwd) != workdir_root or not _dead_owner(m.group(1)):
-        return None
-    st = os.stat(os.path.join(proc_dir, "cwd"))  # the directory itself, wherever it is now
     if trust.owner_problem(st) or st.st_mode & _PRIVATE_BITS or not stat.S_ISDIR(st.st_mode):
-        log.warning("leftovers: leaving %s alone: not a private directory of ours (%s, mode"
-                    " %04o)", cwd, trust.describe_owner(st.st_uid), stat.S_IMODE(st.st_mode))
+        refusals.note("leaving %s alone: not a private directory of ours (%s, mode %04o)",
+                      cwd, trust.describe_owner(st.st_uid), stat.S_IMODE(st.st_mode))
         return None
     return cwd
 
 
-def orphaned_processes(workdir_root: str, proc_root: str = "/proc") -> List[Leftover]:
+def orphaned_processes(workdir_root: str, refusals: _Refusals,
+                       proc_root: str = "/proc") -> List[Leftover]:
     """Processes a dead exporter started, each held by a pidfd and checked
     again once held (its pid may have been reused in between)."""
     found = []
-    try:
-        entries = os.listdir(proc_root)
-    except OSError as exc:
-        log.warning("leftovers: cannot list %s: %s", proc_root, exc.strerror)
-        return found
-    for entry in entries:
-        pid = owner_pid(entry)
-        if pid is None or pid == os.getpid():
-            continue
-        proc_dir = os.path.join(proc_root, entry)
-        if why_ours(proc_dir, workdir_root) is None:
+    for entry in _entries(proc_root):
+        pid = owner_pid(entry.name)
+        if pid is None or pid == os.getpid() \
+                or _dead_workdir(entry.path, workdir_root, refusals) is None:
             continue
         held = Leftover(pid, proc_root)
-        if held.start is not None and why_ours(proc_dir, workdir_root) is not None:
+        if held.start is not None and _dead_workdir(entry.path, workdir_root, refusals):
             found.append(held)
         else:
             held.close()
@@ -235,53 +239,50 @@ def sweep_leftovers(procfs_dirs: Iterable[str], workdir_root: Optional[str] = No
     fail because of what others left."""
     root = os.path.realpath(workdir_root or tempfile.gettempdir())
     spared = {os.path.realpath(path) for path in spare}
+    refusals = _Refusals()
     cleaned = 0
     try:
-        procs = orphaned_processes(root)
+        procs = orphaned_processes(root, refusals)
         if procs:
             log.warning("leftovers: stopping %d processes of a dead exporter: %s", len(procs),
                         ", ".join(str(p.pid) for p in procs))
             stop_processes(procs)
             cleaned += len(procs)
+        for directory in procfs_dirs:
+            if not kernel_owned(directory):
+                cleaned += _sweep_dir(directory, MODULE_RE, spared, refusals)
+        cleaned += _sweep_dir(root, _WORKDIR_RE, spared, refusals)
     except Exception:  # noqa: BLE001 -- loop boundary: log and go on
-        log.exception("leftovers: the process sweep failed")
-    for directory in procfs_dirs:
-        if not kernel_owned(directory):
-            cleaned += _sweep_dir(directory, MODULE_RE, spared)
-    return cleaned + _sweep_dir(root, _WORKDIR_RE, spared)
-
-
-def _sweep_dir(directory: str, pattern: "re.Pattern", spared=frozenset()) -> int:
-    """Remove the entries of DIRECTORY whose name PATTERN gives a dead
-    owner's pid (not those in SPARED)."""
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return 0
-    cleaned = 0
-    for name in entries:
-        m = pattern.match(name)
-        path = os.path.join(directory, name)
-        if m and _dead_owner(m.group(1)) and os.path.realpath(path) not in spared:
-            cleaned += _remove(path)
+        log.exception("leftovers: the sweep failed")
+    refusals.summary()
     return cleaned
 
 
-def _remove(path: str) -> int:
-    """trust.remove_tree in the thread pool; 1 if PATH was removed."""
-    shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    try:
-        in_pool(trust.remove_tree, path)
-    except FileNotFoundError:
-        return 0
-    except trust.Untrusted as exc:
-        log.warning("leftovers: leaving %s alone: %s", shown, exc.reason)
-        return 0
-    except OSError as exc:
-        log.warning("leftovers: cannot remove %s: %s", shown, exc.strerror)
-        return 0
-    except Exception:  # noqa: BLE001 -- loop boundary: log and go on
-        log.exception("leftovers: cannot remove %s", shown)
-        return 0
-    log.info("leftovers: removed %s", shown)
-    return 1
+def _sweep_dir(directory: str, pattern: "re.Pattern[str]", spared: Iterable[str],
+               refusals: _Refusals) -> int:
+    """Remove the entries of DIRECTORY that PATTERN names after a dead
+    exporter, that root (or our user) owns and that are not in SPARED."""
+    cleaned = 0
+    for entry in _entries(directory):
+        m = pattern.match(entry.name)
+        owner = owner_pid(m.group(1)) if m else None
+        if owner is None or owner == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            problem = trust.owner_problem(st) or (
+                not stat.S_ISDIR(st.st_mode) and "is %s, not a directory"
+                % trust.type_name(st.st_mode))
+            if problem:
+                refusals.note("leaving %s alone: %s", entry.path, problem)
+            elif not _alive(owner) and os.path.realpath(entry.path) not in spared:
+                in_pool(trust.remove_tree, entry.path)
+                log.info("leftovers: removed %s", _shown(entry.path))
+                cleaned += 1
+        except FileNotFoundError:
+            pass
+        except trust.Untrusted as exc:
+            refusals.note("leaving %s alone: %s", exc.path, exc.reason)
+        except OSError as exc:
+            refusals.note("cannot remove %s: %s", entry.path, exc.strerror)
+    return cleaned

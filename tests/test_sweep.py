@@ -1,14 +1,15 @@
-"""Issue 14, points 1-4: the start-up sweep survives anything, kills nothing
-that is not ours, never signals a reused pid, and clean-up neither opens
-devices nor dies on deep trees.
+"""The start-up sweep survives anything, kills nothing that is not provably
+ours, never signals a reused pid, stays quick whatever other users plant, and
+clean-up neither opens devices nor dies on deep trees.
 
 The sweep looks at every process on the host, and other exporters (other
 test runs) sweep at the same time.  So each sweep scenario runs the daemon
 as pid 1 of a fresh pid namespace with its own /proc (``NsExporter``), with
 the planted processes inside it, and names as the "dead exporter" the pid of
 this pytest process (or of a sleeper, if the host's pids wrapped round):
-dead inside the namespace, alive (so left alone by everyone else) outside.  Directories are planted in a private sticky
-TMPDIR.  The attacker is a real unprivileged account (tests/localattack.py).
+dead inside the namespace, alive (so left alone by everyone else) outside.
+Directories are planted in a private sticky TMPDIR.  The attacker is a real
+unprivileged account (tests/localattack.py).
 """
 
 import atexit
@@ -16,13 +17,14 @@ import os
 import re
 import signal
 import subprocess
+import time
 import uuid
 from unittest import mock
 
 import pytest
 
-from conftest import (FAKESTAP, Exporter, processes_matching, stop_and_check, wait_for,
-                      write_script)
+from conftest import (FAKESTAP, Exporter, pid_alive, processes_matching, stop_and_check,
+                      wait_for, write_script)
 from localattack import OpenWatch, Secret, attacker, shared  # noqa: F401 (fixtures)
 
 
@@ -203,8 +205,9 @@ def test_sweep_kills_only_what_is_ours(dirs, attacker, tmpdir_shared):
     users_dir = os.path.join(tmp, "users-dir")
     attacker.run("mkdir", users_dir)
     renamed = os.path.join(tmp, "stap-exporter.%d.x" % DEAD)
-    ours_dir = os.path.join(tmp, "stap-exporter.%d.ours" % DEAD)
-    os.mkdir(ours_dir, 0o700)
+    ours = [os.path.join(tmp, "stap-exporter.%d.ours%d" % (DEAD, i)) for i in (1, 2)]
+    for d in ours:
+        os.mkdir(d, 0o700)
     plant = "\n".join([
         # A root process working in a directory the attacker owns, which the
         # attacker then renames to look like a dead exporter's.
@@ -212,24 +215,29 @@ def test_sweep_kills_only_what_is_ours(dirs, attacker, tmpdir_shared):
         wait_started(tok + "rootcwd"),
         "runuser -u %s -- mv %s %s" % (attacker.name, users_dir, renamed),
         # The attacker's own process named like one of ours.
-        "%s %s &" % (as_user(attacker),
-                                   sleeper(tok + "user", "-m stapexp_%d_x" % DEAD)),
-        # Real leftovers of the dead exporter: by module name, by working directory.
-        "%s &" % sleeper(tok + "module", "-m stapexp_%d_x" % DEAD),
-        "(cd %s && exec %s) &" % (ours_dir, sleeper(tok + "workdir", ignore_term=True)),
+        "%s %s &" % (as_user(attacker), sleeper(tok + "user", "-m stapexp_%d_x" % DEAD)),
+        # Root processes that merely carry a dead exporter's module name: one
+        # of root's, and runuser holding the attacker's words.
+        "%s &" % sleeper(tok + "rootargs", "-m stapexp_%d_x" % DEAD),
+        "runuser -u %s -- sh -c 'sleep 120; : %s' -m stapexp_%d_job &"
+        % (attacker.name, tok + "runuser", DEAD),
+        # Real leftovers of the dead exporter, in its private working directories.
+        "(cd %s && exec %s) &" % (ours[0], sleeper(tok + "module", "-m stapexp_%d_x" % DEAD)),
+        "(cd %s && exec %s) &" % (ours[1], sleeper(tok + "workdir", ignore_term=True)),
         wait_started(tok + "user"),
+        wait_started(tok + "runuser"),
     ])
     exp = NsExporter(scripts, procfs, plant=plant, env={"TMPDIR": tmp})
     try:
         assert exp.get_until("/ok.stp").status == 200
-        assert live(tok + "rootcwd") and live(tok + "user")
         wait_for(lambda: not live(tok + "module") and not live(tok + "workdir"),
                  message="the real leftovers to be stopped")
-        assert os.path.isdir(renamed) and not os.path.exists(ours_dir)
+        assert live(tok + "rootcwd") and live(tok + "user") and live(tok + "rootargs")
+        assert [p for p in processes_matching(tok + "runuser")
+                if cmdline(p).startswith("runuser")], "the root runuser was killed"
+        assert os.path.isdir(renamed) and not any(os.path.exists(d) for d in ours)
         text = exp.log_text()
         assert re.search(r"event=leftovers msg=\"stopping 2 processes of a dead exporter", text), text
-        assert re.search(r"event=leftovers msg=\"leaving pid \d+ alone: it runs as uid %d"
-                         % attacker.uid, text), text
         assert re.search(r"event=leftovers msg=\"leaving %s alone: not a private directory of ours"
                          r" \(uid %d" % (re.escape(renamed), attacker.uid), text), text
     finally:
@@ -242,9 +250,12 @@ def test_sweep_never_signals_a_reused_pid(dirs, tmpdir_shared):
     tok = "tok%s" % uuid.uuid4().hex[:12]
     write_script(scripts, "ok.stp")
     recycled = "61.%d" % (uuid.uuid4().int % 10 ** 6)
+    ours = [os.path.join(tmp, "stap-exporter.%d.%s" % (DEAD, n)) for n in "ab"]
+    for d in ours:
+        os.mkdir(d, 0o700)
     plant = "\n".join([
-        "%s &" % sleeper(tok + "a", "-m stapexp_%d_a" % DEAD, ignore_term=True),
-        "%s &" % sleeper(tok + "b", "-m stapexp_%d_b" % DEAD),
+        "(cd %s && exec %s) &" % (ours[0], sleeper(tok + "a", ignore_term=True)),
+        "(cd %s && exec %s) &" % (ours[1], sleeper(tok + "b")),
         "B=$!",
         "echo $B > %s/b" % tmp,
         # Once b has exited (on the sweep's SIGTERM) and been reaped, hand its
@@ -264,6 +275,92 @@ def test_sweep_never_signals_a_reused_pid(dirs, tmpdir_shared):
         assert [p for p in processes_matching(recycled) if cmdline(p) == "sleep " + recycled], \
             "the process that got the reused pid was killed"
         assert re.search(r"event=leftovers msg=\"stopping 2 processes", exp.log_text())
+    finally:
+        exp.stop()
+
+
+# A pid no process can have (above pid_max), not one an exporter could use.
+NO_SUCH_PID = 4000000
+
+# Run as the attacker: start COUNT sleepers whose command lines hold SIZE
+# bytes of "-m stapexp_<PID>_..." pairs; print their pids.
+PLANT_HUGE_ARGV = r"""
+import os, resource, sys
+count, size, token, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+resource.setrlimit(resource.RLIMIT_STACK, (64 << 20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+pair = ["-m", "stapexp_%s_%s" % (pid, "x" * 10)]
+words = pair * (size // len("".join(pair) + "  "))
+quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+for _ in range(count):
+    print(os.posix_spawn("/usr/bin/python3", ["python3", "-c", "import time; time.sleep(120)",
+                                              token] + words, {}, file_actions=quiet))
+"""
+
+# Run as the attacker: COUNT empty files named like a dead exporter's
+# working directories in the directory DIR.
+PLANT_FILES = r"""
+import os, sys
+directory, count, dead = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(directory, os.O_RDONLY)
+for i in range(count):
+    os.close(os.open("stap-exporter.%s.%d" % (dead, i), os.O_CREAT | os.O_WRONLY, 0o600,
+                     dir_fd=fd))
+"""
+
+
+def serves_within(seconds, *args, **kw):
+    """An Exporter(*ARGS, **KW) that answered HTTP within SECONDS of its launch."""
+    launched = time.monotonic()
+    exp = Exporter(*args, **kw)
+    try:
+        assert exp.get("/").status == 200
+        took = time.monotonic() - launched
+        assert took < seconds, "the exporter served %.1f s after its launch" % took
+    except BaseException:
+        exp.stop()
+        raise
+    return exp
+
+
+def leftovers_lines(exp):
+    return [line for line in exp.log_lines if "event=leftovers" in line]
+
+
+def test_other_users_huge_command_lines_do_not_delay_start_up(dirs, attacker):
+    scripts, procfs = dirs
+    tok = "tok%s" % uuid.uuid4().hex[:12]
+    # Module names of a live process (this one) cost most to look into.
+    planted = attacker.run("python3", "-c", PLANT_HUGE_ARGV, "3", str(2 << 20), tok,
+                           str(os.getpid())).stdout.split()
+    pids = [int(p) for p in planted]
+    exp = None
+    try:
+        wait_for(lambda: all(len(cmdline(p)) > 1 << 20 for p in pids),
+                 message="the planted command lines")
+        exp = serves_within(2.0, scripts, procfs)
+        assert all(pid_alive(p) for p in pids)
+        assert not leftovers_lines(exp), leftovers_lines(exp)
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(p) for p in pids), message="the sleepers to go")
+        if exp is not None:
+            exp.stop()
+
+
+def test_other_users_look_alike_files_do_not_delay_start_up(dirs, attacker, tmpdir_shared):
+    scripts, procfs = dirs
+    count = 100_000
+    attacker.run("python3", "-c", PLANT_FILES, tmpdir_shared, str(count), str(NO_SUCH_PID))
+    exp = serves_within(2.0, scripts, procfs, env={"TMPDIR": tmpdir_shared})
+    try:
+        lines = leftovers_lines(exp)
+        assert len(lines) <= 13, "\n".join(lines)
+        assert re.search(r"event=leftovers msg=\"leaving %s\d+ alone: is owned by uid %d"
+                         % (re.escape(os.path.join(tmpdir_shared, "stap-exporter.%d."
+                                                   % NO_SUCH_PID)), attacker.uid), lines[0])
+        assert re.search(r"event=leftovers msg=\"left \d+ more look-alikes alone", lines[-1])
+        assert len(os.listdir(tmpdir_shared)) >= count
     finally:
         exp.stop()
 
