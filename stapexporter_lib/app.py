@@ -23,7 +23,6 @@ import gevent.threadpool
 
 from . import __version__, discovery, indexpage, proccost
 from .scripts.catalog import valid_name
-from .indexpage import terminal_safe
 from .logs import escape_line
 from .offhub import in_pool
 from .scripts.session import Outcome, Session
@@ -143,7 +142,7 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
             return text_response(405, "Method %s is not allowed; use GET or HEAD."
-                                 % terminal_safe(method)[:32], [("Allow", "GET, HEAD")])
+                                 % escape_line(method)[:32], [("Allow", "GET, HEAD")])
         path = _request_path(environ)
         if path == "/":
             return self.index(environ)
@@ -156,7 +155,7 @@ class App:
         session = self.manager.get(name)
         if session is None:
             return text_response(404, "No script named %s in the scripts directory."
-                                 % terminal_safe(name)[:300])
+                                 % escape_line(name)[:300])
         return self.scrape(session, environ)
 
     def scrape(self, session: Session, environ) -> Response:
@@ -183,7 +182,7 @@ class App:
 
     def _failure(self, outcome: Outcome) -> Response:
         # The message may quote the script's stderr: keep a terminal safe.
-        message = terminal_safe(outcome.message, keep_newlines=True)
+        message = escape_line(outcome.message, keep_newlines=True)
         extra = []
         if outcome.retry_after is not None:
             extra.append(("Retry-After", "%d" % max(1, round(outcome.retry_after))))

@@ -6,7 +6,7 @@ reads on a phone (one card per script) and on a wide screen (a table), no
 external assets, no JavaScript.
 
 Every text that comes from outside the code (script file names, stderr
-lines, error messages, the directory) goes through ``terminal_safe`` first:
+lines, error messages, the directory) goes through ``logs.escape_line`` first:
 a file named with ESC sequences must not retitle or recolour the terminal of
 whoever runs ``curl /``.
 
@@ -19,20 +19,12 @@ import time
 from typing import List, NamedTuple, Optional, Sequence
 from urllib.parse import quote
 
-from .logs import ESCAPES
+from .logs import escape_line
 
 _KIB = 1024.0
 _MINUTE = 60
 _HOUR = 3600
 _DAY = 86400
-
-
-def terminal_safe(text: str, keep_newlines: bool = False) -> str:
-    """TEXT with every control character written as a visible escape (but
-    line feeds kept with KEEP_NEWLINES, for multi-line messages)."""
-    if keep_newlines:
-        return "\n".join(line.translate(ESCAPES) for line in text.split("\n"))
-    return text.translate(ESCAPES)
 
 
 class ScriptRow(NamedTuple):
@@ -117,7 +109,7 @@ def reason(row: ScriptRow) -> str:
 
 def _cells(row: ScriptRow) -> List[str]:
     """The table cells of ROW, each one word (the text table splits on blanks)."""
-    return [terminal_safe(row.name), row.state, str(row.pid) if row.pid else "-",
+    return [escape_line(row.name), row.state, str(row.pid) if row.pid else "-",
             duration(row.uptime), str(row.starts), duration(row.scraped_ago),
             output_cell(row), cpu(row.cpu_seconds), size(row.resident_bytes)]
 
@@ -132,19 +124,19 @@ LINKS = ("/NAME.stp", "/metrics", "/targets", "/-/healthy", "/-/ready")
 def render_text(page: Page) -> bytes:
     """A table for terminals; stderr tails of failed scripts below it."""
     lines = ["stap-exporter %s: %d scripts in %s" % (
-        page.version, len(page.rows), terminal_safe(page.directory))]
+        page.version, len(page.rows), escape_line(page.directory))]
     if page.error:
-        lines.append("error: " + terminal_safe(page.error))
+        lines.append("error: " + escape_line(page.error))
     table = [list(HEADER[:-1])] + [_cells(r) for r in page.rows]
-    last = [HEADER[-1]] + [terminal_safe(reason(r)) for r in page.rows]
+    last = [HEADER[-1]] + [escape_line(reason(r)) for r in page.rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER) - 1)]
     for cells, tail in zip(table, last):
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + tail)
     for row in page.rows:
         if row.last_error and row.stderr_tail:
             lines.append("")
-            lines.append("%s: last lines of standard error:" % terminal_safe(row.name))
-            lines.extend("  " + terminal_safe(line) for line in row.stderr_tail)
+            lines.append("%s: last lines of standard error:" % escape_line(row.name))
+            lines.extend("  " + escape_line(line) for line in row.stderr_tail)
     lines.append("")
     lines.append("Endpoints: %s (HTML: ask with Accept: text/html)" % ", ".join(LINKS))
     return ("\n".join(lines) + "\n").encode("utf-8", "replace")
@@ -193,7 +185,7 @@ _COLUMNS = (("script", "name"), ("state", ""), ("pid", "num"), ("uptime", "num")
 
 
 def _h(text: str) -> str:
-    return html.escape(terminal_safe(text))
+    return html.escape(escape_line(text))
 
 
 def _td(label: str, css: str, content: str) -> str:

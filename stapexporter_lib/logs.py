@@ -60,10 +60,14 @@ DEFAULT_EVENT = "log"
 THROTTLE_INTERVAL = 10.0
 
 
-def escape_line(text: str) -> str:
+def escape_line(text: str, keep_newlines: bool = False) -> str:
     """TEXT with control characters (C0, DEL, C1), the Unicode line and
     paragraph separators and the bidirectional controls as escapes, so it is
-    one line that cannot forge log lines, drive a terminal or reorder text."""
+    one line that cannot forge log lines, drive a terminal or reorder text
+    (with KEEP_NEWLINES, line feeds are kept: a multi-line message for a
+    page, each line escaped)."""
+    if keep_newlines:
+        return "\n".join(line.translate(ESCAPES) for line in text.split("\n"))
     return text.translate(ESCAPES)
 
 

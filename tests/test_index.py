@@ -24,11 +24,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 CHROMIUM_TIMEOUT = 90
 
 
-def test_terminal_safe_escapes_c0_c1_del_and_separators():
-    assert indexpage.terminal_safe(HOSTILE_STDERR) == \
+def test_escape_line_escapes_c0_c1_del_and_separators():
+    assert logs.escape_line(HOSTILE_STDERR) == \
         "\\x1b[31mRED\\x07\\x9b2J\\x85\\u2028\\x7fend"
-    assert indexpage.terminal_safe("plain ünïcode ✓") == "plain ünïcode ✓"
-    assert not RAW_CONTROLS.search(indexpage.terminal_safe("".join(map(chr, range(0xa0)))))
+    assert logs.escape_line("plain ünïcode ✓") == "plain ünïcode ✓"
+    assert not RAW_CONTROLS.search(logs.escape_line("".join(map(chr, range(0xa0)))))
 
 
 def test_sizes_and_durations():
@@ -46,11 +46,11 @@ def hostile_scripts(scripts):
     write_script(scripts, "quick.stp")
 
 
-def test_terminal_safe_escapes_bidirectional_controls():
+def test_escape_line_escapes_bidirectional_controls():
     """A name cannot reorder what a reader sees ("Trojan Source")."""
     bidi = "\u061c\u200e\u200f" + "".join(map(chr, range(0x202a, 0x202f))) \
         + "".join(map(chr, range(0x2066, 0x206a)))
-    escaped = indexpage.terminal_safe("evil" + bidi + "txt.stp")
+    escaped = logs.escape_line("evil" + bidi + "txt.stp")
     assert escaped == "evil" + "".join("\\u%04x" % ord(c) for c in bidi) + "txt.stp"
     assert logs.escape_line(bidi) == escaped[4:-7]
 

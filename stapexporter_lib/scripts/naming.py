@@ -78,19 +78,6 @@ def owner_pid(text: str) -> Optional[int]:
     return pid if 0 < pid <= PID_MAX_LIMIT else None
 
 
-def module_owner(name: str) -> Optional[int]:
-    """The pid of the exporter that named module NAME, or None if not ours."""
-    m = MODULE_RE.match(name)
-    return owner_pid(m.group(1)) if m else None
-
-
-def workdir_owner(name: str) -> Optional[int]:
-    """The pid of the exporter that made the working or cache directory
-    called NAME (a base name), or None if not ours."""
-    m = WORKDIR_RE.match(name)
-    return owner_pid(m.group(1)) if m else None
-
-
 def kernel_owned(path: str) -> bool:
     """True for /proc and what is below it (an absolute, normalised PATH)."""
     return path == KERNEL_ROOT or path.startswith(KERNEL_ROOT + "/")

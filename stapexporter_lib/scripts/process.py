@@ -5,9 +5,10 @@ Each process is forked in its own process group (a stop reaches everything
 a script started), with stdin from /dev/null, in the start's private working
 directory, and with ``PR_SET_PDEATHSIG`` so that it is told to stop if the
 exporter dies, even by SIGKILL.  Its stdout and stderr are pumped into the
-log.  Every signal goes through the injected ``killpg``/``kill`` and every
+log.  Every signal goes through the injected seams (``killpg``/``kill``,
+and once the leader is reaped ``signal_members``: ``pgroup.py``) and every
 wait through the injected ``wait`` (``Seams``), so tests drive fake
-processes on a fake clock.
+processes on a fake clock and never signal a real process by a fake pid.
 """
 
 import ctypes
@@ -17,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Deque, List, Optional, Sequence
+from typing import Any, Callable, Deque, List, Optional, Sequence, Set, Tuple
 
 import gevent
 import gevent.os
@@ -26,7 +27,7 @@ from gevent import subprocess
 from .. import trust
 from ..logs import escape_line
 from ..offhub import in_pool
-from . import naming, output
+from . import naming, output, pgroup
 
 log = logging.getLogger("stap-exporter")
 
@@ -64,16 +65,49 @@ def wait_any(objects: Sequence[Any], timeout: Optional[float]) -> Sequence[Any]:
     return gevent.wait(objects, timeout=timeout, count=1)
 
 
+# signal_members(pgid, sig): (pids signalled, members refused) -- pgroup's.
+MemberSignaller = Callable[[int, int], Tuple[List[int], List[pgroup.Refused]]]
+
+
 @dataclasses.dataclass
 class Seams:
     """The operating system as a session sees it: the clock, waiting,
-    forking and signalling a process group.  Tests substitute fakes."""
+    forking and signalling a process group.  Tests substitute fakes.
+
+    ``unreaped`` and ``signal_members`` default to pgroup's; with a
+    ``killpg`` of its own (a fake process world) a group is signalled
+    through it, as a whole, until it says the group is gone."""
 
     clock: Callable[[], float] = time.monotonic
     wait: Waiter = wait_any
     popen: Callable[..., Any] = subprocess.Popen
     killpg: Callable[[int, int], None] = os.killpg
     kill: Callable[[int, int], None] = os.kill
+    unreaped: Optional[Callable[[int], bool]] = None
+    signal_members: Optional[MemberSignaller] = None
+
+    def __post_init__(self):
+        real = self.killpg is os.killpg
+        if self.unreaped is None:
+            self.unreaped = pgroup.unreaped if real else lambda pid: True
+        if self.signal_members is None:
+            self.signal_members = _members_off_hub if real else _whole_group(self.killpg)
+
+
+def _members_off_hub(pgid: int, sig: int):
+    """pgroup.signal_members in the hub's thread pool: it reads all of /proc."""
+    return in_pool(pgroup.signal_members, pgid, sig)
+
+
+def _whole_group(killpg: Callable[[int, int], None]) -> MemberSignaller:
+    """A MemberSignaller that signals the group through KILLPG, as one."""
+    def signal_members(pgid: int, sig: int):
+        try:
+            killpg(pgid, sig)
+            return [pgid], []
+        except (ProcessLookupError, PermissionError):
+            return [], []
+    return signal_members
 
 
 def set_child_subreaper() -> bool:
@@ -114,6 +148,7 @@ class Process:
         self.workdir: Optional[str] = None
         self.spawned_at = 0.0  # the seams' clock() when the process was forked
         self._pumps: List[gevent.Greenlet] = []
+        self._refused: Set[int] = set()  # pids of the group left alone, each logged once
 
     @property
     def pid(self) -> int:
@@ -201,20 +236,38 @@ class Process:
             log.debug("stdout: script=%s pid=%s %s", self.name, pid, text)
 
     def signal_group(self, sig: int) -> bool:
-        """Signal the process group; False when it is gone."""
+        """Signal the process group; False when nothing of it is left that is
+        provably ours.  While the leader is unreaped, its group id is still
+        ours: the group is signalled as a whole.  After that, anyone may take
+        the id for a group of their own once the last member is gone: each
+        member is signalled alone, if it descends from the exporter."""
         if self.proc is None:
             return False
-        try:
-            self._os.killpg(self.pid, sig)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        if self._unreaped():
+            try:
+                self._os.killpg(self.pid, sig)
+                return True
+            except (ProcessLookupError, PermissionError):
+                return False
+        signalled, refused = self._os.signal_members(self.pid, sig)
+        for member in refused:
+            if member.pid not in self._refused:
+                self._refused.add(member.pid)
+                log.warning("kill: script=%s pid=%d pgid=%d not signalled: %s %s",
+                            self.name, member.pid, self.pid, member.comm or "the process",
+                            member.reason)
+        return bool(signalled)
+
+    def _unreaped(self) -> bool:
+        """The leader is our child and not yet reaped, so its pid and group id
+        are still its own.  Asked of the kernel, and to be acted on before
+        anything yields to the hub: gevent's child watcher reaps it there,
+        possibly before its result is set."""
+        return not self.exited() and self._os.unreaped(self.pid)
 
     def signal_leader(self, sig: int) -> None:
-        """Signal the group leader alone.  It is our unreaped child (checked
-        without yielding to the hub, whose child watcher reaps it), so its
-        pid cannot have been reused."""
-        if self.proc is None or self.exited():
+        """Signal the group leader alone, if it is our unreaped child."""
+        if self.proc is None or not self._unreaped():
             return
         try:
             self._os.kill(self.pid, sig)
