@@ -21,7 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import gevent
 import gevent.threadpool
 
-from . import __version__, discovery, indexpage, proccost
+from . import __version__, discovery
+from .scripts import proccost
+from .web import indexpage
 from .scripts.catalog import valid_name
 from .logs import escape_line
 from .offhub import in_pool

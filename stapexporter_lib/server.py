@@ -23,7 +23,7 @@ from gevent import socket as gsocket
 from . import __version__, basicauth, cli, discovery, webconfig
 from .app import App
 from .http import Server
-from .leftovers import sweep_leftovers
+from .scripts.leftovers import sweep_leftovers
 from .logs import AccessLog, setup_logging
 from .scripts import output
 from .scripts.build import ModuleCache, Plan
@@ -31,7 +31,7 @@ from .scripts.catalog import Catalog
 from .scripts.manager import Manager
 from .scripts.process import set_child_subreaper
 from .scripts.session import START_WAIT, SessionConfig
-from .selfmetrics import SelfMetrics
+from .web.selfmetrics import SelfMetrics
 
 log = logging.getLogger("stap-exporter")
 

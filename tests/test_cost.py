@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import pid_alive, wait_for, write_script
-from stapexporter_lib import proccost
+from stapexporter_lib.scripts import proccost
 from test_peers import need
 
 TICKS = proccost.CLOCK_TICKS

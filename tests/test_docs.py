@@ -290,7 +290,7 @@ def session_states():
 def self_metric_names():
     """Names as exposed (counters with _total, info with _info), from a
     SelfMetrics registry; process_* are documented as a group."""
-    from stapexporter_lib.selfmetrics import SelfMetrics
+    from stapexporter_lib.web.selfmetrics import SelfMetrics
 
     class NoSessions:
         def all(self):

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from conftest import write_script
-from stapexporter_lib import indexpage, logs
+from stapexporter_lib import logs
+from stapexporter_lib.web import indexpage
 
 ESC_NAME = "\x1b]0;OWNED\x07x.stp"
 # What a hostile script prints on stderr: ESC, BEL, CSI as C1 (U+009B), NEL

@@ -474,7 +474,7 @@ class Sessions:
 
 def self_metrics(session):
     """{(name, labels): value} of the per-script lifecycle metrics of SESSION."""
-    from stapexporter_lib.selfmetrics import SessionCollector
+    from stapexporter_lib.web.selfmetrics import SessionCollector
     samples = {}
     for family in SessionCollector(Sessions(session), proc="/nonexistent")._lifecycle([session]):
         for sample in family.samples:
@@ -616,7 +616,7 @@ def test_a_crashing_autostart_script_shows_backoff_with_its_reason(world):
     s = crashed_autostart(world, 2)
     assert s.last_error == "exit status 2" and s.retry_in() == 1
     assert state_gauges(s)["backoff"] == 1
-    from stapexporter_lib import indexpage
+    from stapexporter_lib.web import indexpage
     row = indexpage.ScriptRow(s.name, s.state, s.pid, s.uptime(), s.starts, None,
                               s.last_output_bytes, s.output_read, None, None, s.last_error,
                               [], s.retry_in())
@@ -642,7 +642,7 @@ def test_start_time_counts_from_before_the_spawn(world):
     reads its error pipe), which takes a while on a busy exporter: the start
     time covers it, so a loader whose output is ready right after the exec
     does not show a start of nothing."""
-    from stapexporter_lib.selfmetrics import start_seconds
+    from stapexporter_lib.web.selfmetrics import start_seconds
     make, vt, fake, procfs_dir = world
 
     def slow_popen(argv, **kwargs):

@@ -298,10 +298,12 @@ class Process:
         if not self.signal_group(signal.SIGTERM):
             return
         deadline = self._os.clock() + grace
-        while self._os.clock() < deadline:
+        while self.signal_group(0):
+            if self._os.clock() >= deadline:
+                break
             self._os.wait((), STRAGGLER_POLL)
-            if not self.signal_group(0):
-                return
+        else:
+            return
         log.warning("kill: script=%s process group %d outlived its leader; sending SIGKILL",
                     self.name, self.pid)
         self.signal_group(signal.SIGKILL)

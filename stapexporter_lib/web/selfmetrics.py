@@ -18,8 +18,9 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, Info,
                                ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from . import __version__, proccost
-from .states import ALL_STATES, RUNNING
+from .. import __version__
+from ..scripts import proccost
+from ..states import ALL_STATES, RUNNING
 
 # Scrapes are fast (sub-millisecond) unless a script is slow to produce output.
 DURATION_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)

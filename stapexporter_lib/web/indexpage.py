@@ -19,7 +19,7 @@ import time
 from typing import List, NamedTuple, Optional, Sequence
 from urllib.parse import quote
 
-from .logs import escape_line
+from ..logs import escape_line
 
 _KIB = 1024.0
 _MINUTE = 60

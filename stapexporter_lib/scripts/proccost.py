@@ -21,7 +21,7 @@ from typing import Dict, Iterable, NamedTuple, Optional
 
 import gevent.event
 
-from .offhub import in_pool
+from ..offhub import in_pool
 
 DEFAULT_PROC = "/proc"
 

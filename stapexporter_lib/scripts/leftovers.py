@@ -45,9 +45,9 @@ from typing import Iterable, Iterator, List, Optional
 
 import gevent
 
-from . import trust
-from .offhub import in_pool
-from .scripts.naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned, owner_pid
+from .. import trust
+from ..offhub import in_pool
+from .naming import MODULE_RE, WORKDIR_RE as _WORKDIR_RE, kernel_owned, owner_pid
 
 log = logging.getLogger("stap-exporter")
 

@@ -1,0 +1,1 @@
+"""The web side: HTTP server, routes, auth and web config, index page, self-metrics, discovery."""
