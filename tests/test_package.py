@@ -335,6 +335,7 @@ def installed_deb(builds, service_actions_allowed):
     assert not installed(), "%s is already installed here: not touching it" % PACKAGE
     assert not os.path.exists(SCRIPTS_DIR), "%s exists already" % SCRIPTS_DIR
     assert not os.path.exists(SYSCONFIG), "%s exists already" % SYSCONFIG
+    assert not exporter_pids(), "an exporter of an installed package runs here already"
     made_sysconfig_dir = not os.path.isdir(os.path.dirname(SYSCONFIG))
     try:
         apt_get("install", builds.current, ("install ok installed",))
