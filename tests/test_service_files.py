@@ -150,7 +150,7 @@ def test_unit_hardening_does_not_break_systemtap(unit):
 
 def sourced(path, names):
     """{name: value} for NAMES after the shell sources PATH."""
-    script = '. "$1"; shift; for name; do eval "printf \'%s\\n\' \\"\\$$name\\""; done'
+    script = r'. "$1"; shift; for name; do eval "value=\$$name"; printf "%s\n" "$value"; done'
     proc = subprocess.run(["sh", "-c", script, "sh", path] + names, stdout=subprocess.PIPE,
                           timeout=30, check=True, env={"PATH": os.environ["PATH"]})
     return dict(zip(names, proc.stdout.decode().splitlines()))
