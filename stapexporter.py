@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """stap-exporter: serve SystemTap scripts' Prometheus metrics over HTTP.
 
 Owns gevent's monkey-patching, done first; must not contain logic.

@@ -1,17 +1,19 @@
-"""Checks of the service files in dist/: the systemd unit, the options file and
-the SysV init script."""
+"""Checks of the service files in dist/: the systemd unit and socket, the
+options file and the SysV init script."""
 
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST = os.path.join(REPO, "dist")
 UNIT = os.path.join(DIST, "stap-exporter.service")
+SOCKET = os.path.join(DIST, "stap-exporter.socket")
 SYSCONFIG = os.path.join(DIST, "stap-exporter.sysconfig")
 INIT = os.path.join(DIST, "stap-exporter.init")
 
@@ -20,16 +22,26 @@ INIT = os.path.join(DIST, "stap-exporter.init")
 FORBIDDEN = {
     "ProtectKernelModules": "stap's kernel runtime loads kernel modules",
     "ProtectKernelTunables": "makes /proc/sys and /sys read-only",
-    "ProtectKernelLogs": "not needed and hides kernel messages from stap",
+    "ProtectKernelLogs": "drops CAP_SYSLOG (/proc/kallsyms addresses), hides /dev/kmsg",
     "ProcSubset": "ProcSubset=pid hides /proc/kallsyms and /proc/systemtap",
-    "ProtectProc": "hides other processes that scripts may target",
+    "ProtectProc": "what stap needs of other processes' /proc entries is not documented",
     "PrivateUsers": "drops the capabilities systemtap needs",
-    "PrivateDevices": "drops CAP_SYS_RAWIO and hides devices",
+    "PrivateDevices": "its /dev has no /dev/kmsg, without which stapbpf crashes when stopped",
+    "ProtectClock": "its device allow-list shuts out /dev/kmsg (stapbpf, as above)",
     "SystemCallFilter": "would have to allow bpf/init_module/perf_event_open",
     "CapabilityBoundingSet": "systemtap needs full root capabilities",
     "MemoryDenyWriteExecute": "may break the tools stap runs",
     "DynamicUser": "systemtap must run as root",
     "User": "systemtap must run as root",
+}
+# Sandboxing that stap and its loaders work under.
+REQUIRED = {
+    "PrivateTmp": "yes",
+    "ProtectSystem": "full",
+    "NoNewPrivileges": "yes",
+    "UMask": "0077",
+    "RestrictNamespaces": "yes",
+    "SystemCallArchitectures": "native",
 }
 
 
@@ -82,11 +94,11 @@ def test_unit_sections(unit):
 
 def test_unit_exec_and_options(unit):
     svc = unit["Service"]
-    # Both options files, each optional ('-'): Debian's and RPM-style systems'.
+    # Both options files, each optional ('-'), Debian's first: a variable set
+    # in /etc/sysconfig/stap-exporter (systemtap's exporter's file) wins.
     env_files = [v for k, v in svc if k == "EnvironmentFile"]
-    assert sorted(env_files) == ["-/etc/default/stap-exporter",
-                                 "-/etc/sysconfig/stap-exporter"], env_files
-    assert get(svc, "ExecStart") == "/usr/bin/stap-exporter $OPTIONS"
+    assert env_files == ["-/etc/default/stap-exporter", "-/etc/sysconfig/stap-exporter"]
+    assert get(svc, "ExecStart") == "/usr/bin/stap-exporter $PORT $KEEPALIVE $SCRIPTS $OPTIONS"
     reload_cmd = get(svc, "ExecReload")
     assert reload_cmd and re.search(r"\bkill\b.*-(HUP|SIGHUP|s HUP)\b.*\$MAINPID", reload_cmd), \
         reload_cmd
@@ -102,10 +114,29 @@ def test_unit_stop_and_restart(unit):
     assert get(svc, "KillSignal") in (None, "SIGTERM", "TERM")
 
 
+@pytest.mark.parametrize("bad", [["--no-such-option"], ["-p", "99999"],
+                                 ["-s", "/nonexistent/stap-exporter-scripts"]])
+def test_unit_does_not_restart_on_bad_options(unit, bad):
+    """A typo in the options is not retried every RestartSec forever: the
+    status the command exits with for it stops the restarts."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "stapexporter.py")] + bad,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode != 0 and proc.stderr.decode().count("\n") == 1, proc.stderr
+    prevent = (get(unit["Service"], "RestartPreventExitStatus") or "").split()
+    assert str(proc.returncode) in prevent, (proc.returncode, prevent)
+
+
 def test_unit_hardening_does_not_break_systemtap(unit):
     svc = unit["Service"]
     for key, why in FORBIDDEN.items():
         assert get(svc, key) is None, "%s must not be set: %s" % (key, why)
+    for key, value in REQUIRED.items():
+        assert get(svc, key) == value, key
+    # Each setting left out says why, in the unit's comments.
+    with open(UNIT) as f:
+        comments = "".join(line for line in f if line.startswith("#"))
+    unexplained = [key for key in FORBIDDEN if not re.search(r"\b%s\b" % key, comments)]
+    assert not unexplained, "left out without a reason in the unit: %s" % unexplained
     protect = get(svc, "ProtectSystem")
     if protect == "strict":
         rw = " ".join(v for k, v in svc if k == "ReadWritePaths")
@@ -117,22 +148,44 @@ def test_unit_hardening_does_not_break_systemtap(unit):
             "with a read-only /root, stap's cache (~/.systemtap) must be moved"
 
 
+def sourced(path, names):
+    """{name: value} for NAMES after the shell sources PATH."""
+    script = r'. "$1"; shift; for name; do eval "value=\$$name"; printf "%s\n" "$value"; done'
+    proc = subprocess.run(["sh", "-c", script, "sh", path] + names, stdout=subprocess.PIPE,
+                          timeout=30, check=True, env={"PATH": os.environ["PATH"]})
+    return dict(zip(names, proc.stdout.decode().splitlines()))
+
+
 def test_sysconfig_sets_options():
-    values = {}
+    """The four variables of systemtap's exporter's options file, each holding
+    whole options."""
     with open(SYSCONFIG) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                values[key] = shlex.split(value)[0] if value else ""
-    assert set(values) == {"OPTIONS"}
-    opts = values["OPTIONS"].split()
-    assert "-p" in opts or "--port" in opts
-    text = open(SYSCONFIG).read()
+        text = f.read()
+    keys = {line.partition("=")[0] for line in text.splitlines()
+            if line.strip() and not line.startswith("#")}
+    assert keys == {"PORT", "KEEPALIVE", "SCRIPTS", "OPTIONS"}
+    values = sourced(SYSCONFIG, sorted(keys))
+    assert values == {"PORT": "-p 9900", "KEEPALIVE": "-k 300", "SCRIPTS": "", "OPTIONS": ""}
+    # Both ways of writing the options are shown.
+    assert re.search(r'^#\s+PORT= KEEPALIVE= OPTIONS="-p 9900 -k 300"$', text, re.M)
     # It points to the complete, maintained option list rather than copying it.
     assert "stap-exporter --help" in text and "stap-exporter(8)" in text
     for opt in ("--port", "--keepalive", "--scripts", "--listen"):
         assert opt in text, "%s not mentioned in the sysconfig file" % opt
+
+
+def test_socket_unit_holds_the_default_port():
+    sock = parse_unit(SOCKET)
+    assert set(sock) == {"Unit", "Socket", "Install"}
+    assert "man:stap-exporter(8)" in get(sock["Unit"], "Documentation").split()
+    # One listening socket handed to one exporter, not one exporter per connection.
+    assert get(sock["Socket"], "Accept") in (None, "no", "false")
+    # The port the exporter binds itself without the socket.
+    with open(os.path.join(REPO, "stapexporter_lib", "cli.py")) as f:
+        default = re.search(r"--port PORT.*\n.*\[default: (\d+)\]", f.read()).group(1)
+    assert get(sock["Socket"], "ListenStream") == default
+    assert sourced(SYSCONFIG, ["PORT"])["PORT"] == "-p " + default
+    assert get(sock["Install"], "WantedBy") == "sockets.target"
 
 
 def test_systemd_analyze_verify(tmp_path):
@@ -144,11 +197,13 @@ def test_systemd_analyze_verify(tmp_path):
         text = f.read()
     copy = tmp_path / "stap-exporter.service"
     copy.write_text(text.replace("ExecStart=/usr/bin/stap-exporter ", "ExecStart=/bin/true "))
-    proc = subprocess.run([tool, "verify", "--man=no", str(copy)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=60)
+    shutil.copy(SOCKET, str(tmp_path))
+    proc = subprocess.run([tool, "verify", "--man=no", str(copy), str(tmp_path / "stap-exporter"
+                                                                     ".socket")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
     out = proc.stdout.decode("utf-8", "replace")
     # verify exits 0 even for unknown keys and bad values; it only prints them
-    complaints = [l for l in out.splitlines() if "stap-exporter.service" in l]
+    complaints = [l for l in out.splitlines() if "stap-exporter." in l]
     assert proc.returncode == 0 and not complaints, out
 
 
@@ -163,9 +218,8 @@ def test_init_script_syntax():
     assert "/etc/sysconfig/" in text and "/etc/default/" in text
 
 
-def test_init_script_lifecycle(tmp_path):
-    """start/status/reload/stop with a stand-in daemon, through the real script."""
-    log = tmp_path / "daemon.log"
+def fake_daemon(tmp_path):
+    """An executable that logs its arguments and signals, and runs until SIGTERM."""
     daemon = tmp_path / "fake-exporter"
     daemon.write_text("#!/bin/sh\n"
                       "echo \"args: $*\"\n"
@@ -173,13 +227,28 @@ def test_init_script_lifecycle(tmp_path):
                       "trap 'echo got TERM; exit 0' TERM\n"
                       "while :; do sleep 0.1; done\n")
     daemon.chmod(0o755)
-    env = dict(os.environ, DAEMON=str(daemon), PIDFILE=str(tmp_path / "pid"),
-               LOGFILE=str(log), STOP_TIMEOUT="10")
+    return daemon
+
+
+def init_script(tmp_path, **env):
+    """A runner of the real init script's actions for a fake daemon, its
+    files in TMP_PATH."""
+    env = dict(os.environ, DAEMON=str(fake_daemon(tmp_path)), PIDFILE=str(tmp_path / "pid"),
+               LOGFILE=str(tmp_path / "daemon.log"), STOP_TIMEOUT="10", **env)
 
     def run(action):
         return subprocess.run(["sh", INIT, action], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=30)
+    return run
 
+
+def test_init_script_lifecycle(tmp_path):
+    """start/status/reload/stop through the real script, with the options of
+    the shipped file and of one written for systemtap's exporter (it wins)."""
+    systemtap = tmp_path / "sysconfig"
+    systemtap.write_text('PORT="-p 9901"\nKEEPALIVE="-k 60"\nSCRIPTS="-s /srv/stap scripts"\n'
+                         'OPTIONS="--listen 127.0.0.1 --log-level debug"\n')
+    run = init_script(tmp_path, CONFIG_FILES="%s %s" % (SYSCONFIG, systemtap))
     try:
         assert run("start").returncode == 0
         pid = int((tmp_path / "pid").read_text())
@@ -191,5 +260,18 @@ def test_init_script_lifecycle(tmp_path):
     assert run("status").returncode == 3
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    text = log.read_text()
-    assert "args: -p" in text and "got HUP" in text and "got TERM" in text
+    text = (tmp_path / "daemon.log").read_text()
+    # Split as a shell splits words: the unquoted space separates.
+    assert "args: -p 9901 -k 60 -s /srv/stap scripts --listen 127.0.0.1 --log-level debug\n" \
+        in text
+    assert "got HUP" in text and "got TERM" in text
+
+
+def test_init_script_takes_no_options_from_the_environment(tmp_path):
+    run = init_script(tmp_path, CONFIG_FILES=str(tmp_path / "none"), PORT="-p 1",
+                      KEEPALIVE="-k 1", SCRIPTS="-s /tmp", OPTIONS="--insecure-scripts")
+    try:
+        assert run("start").returncode == 0
+    finally:
+        assert run("stop").returncode == 0
+    assert "args: \n" in (tmp_path / "daemon.log").read_text()
