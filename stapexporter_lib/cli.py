@@ -9,16 +9,25 @@ or logging.
 import dataclasses
 import math
 import os
+import pwd
 import shlex
 from typing import List, Optional
 
 from docopt import DocoptExit, docopt
 
 from . import __version__, discovery, trust
-from .scripts import output
 
 PROG = "stap-exporter"
 DEFAULT_SCRIPTS_DIR = "/etc/stap-exporter"
+
+
+def default_procfs_dirs() -> List[str]:
+    """The directories systemtap's runtimes create module directories in."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return ["/proc/systemtap", "/var/tmp/systemtap-" + user]
 
 
 def default_scripts_dir() -> str:
@@ -142,7 +151,7 @@ class Config:
 
 def usage_text() -> str:
     return USAGE.format(scripts=default_scripts_dir(),
-                        procfs=":".join(output.default_dirs()))
+                        procfs=":".join(default_procfs_dirs()))
 
 
 def parse(argv: List[str]) -> Config:

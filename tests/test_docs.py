@@ -63,8 +63,7 @@ def documented_defaults():
     text (what --help prints).  The procfs default names the exporter's user,
     which the docs write as USER."""
     from docopt import parse_defaults
-    from stapexporter_lib.scripts import output as procfs
-    user = procfs.default_dirs()[-1].split("systemtap-", 1)[1]
+    user = cli.default_procfs_dirs()[-1].split("systemtap-", 1)[1]
     defaults = {}
     for option in parse_defaults(cli.usage_text()):
         name = option.long or option.short

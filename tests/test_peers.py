@@ -14,7 +14,7 @@ import pytest
 
 import realstap
 from conftest import Exporter, wait_for, write_script
-from stapexporter_lib.scripts import output as procfs_mod
+from stapexporter_lib import cli
 
 pytestmark = pytest.mark.peers
 
@@ -69,7 +69,7 @@ def peer_exporter(tmp_path, rs):
     if rs is not None:
         (scripts / "ticks.stp").write_text(TICKS)
         stap = rs.stap
-        extra = [procfs_mod.default_dirs()[1]]
+        extra = [cli.default_procfs_dirs()[1]]
     exp = Exporter(scripts, fake_procfs, stap=stap, extra_procfs=extra)
     exp.real = rs is not None
     try:
@@ -128,7 +128,7 @@ def test_promtool_accepts_bundled_bpf_examples(tmp_path, rs):
         pytest.skip(realstap.skip_reason())
     examples = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "bpf")
     exp = Exporter(examples, tmp_path, stap=rs.stap,
-                   extra_procfs=[procfs_mod.default_dirs()[1]])
+                   extra_procfs=[cli.default_procfs_dirs()[1]])
     try:
         for name in sorted(os.listdir(examples)):
             body = exp.get_until("/" + name, timeout=60).body

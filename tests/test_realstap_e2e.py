@@ -29,7 +29,7 @@ import realstap
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from stapexporter_lib.scripts import output as procfs  # noqa: E402
+from stapexporter_lib import cli  # noqa: E402
 
 pytestmark = pytest.mark.realstap
 
@@ -37,7 +37,7 @@ EXAMPLES_BPF = os.path.join(ROOT, "examples", "bpf")
 
 # Where the BPF runtime creates MODULE/__prometheus (/var/tmp/systemtap-root).
 FIFO_ROOT = os.path.dirname(os.path.dirname(realstap.fifo_path("x")))
-PROCFS_DIRS = ":".join(procfs.default_dirs())
+PROCFS_DIRS = ":".join(cli.default_procfs_dirs())
 
 TICKS = """\
 global ticks%

@@ -25,7 +25,6 @@ Directories are parameters, so tests point them at a fixture tree.
 
 import logging
 import os
-import pwd
 import stat
 import time
 from typing import Callable, Iterable, List, Optional, Tuple
@@ -58,15 +57,6 @@ class OutputTimeout(OutputError):
 
 class OutputTooLarge(OutputError):
     """The output exceeded the size limit."""
-
-
-def default_dirs() -> List[str]:
-    """The directories systemtap's runtimes create module directories in."""
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = str(os.geteuid())
-    return ["/proc/systemtap", "/var/tmp/systemtap-" + user]
 
 
 class UntrustedOutput(OutputError):
