@@ -335,7 +335,11 @@ class ModuleCache:
 
     def drop(self, name: str) -> None:
         if self.enabled:
-            in_pool(_unlink, self._fd, name)
+            in_pool(self.drop_now, name)
+
+    def drop_now(self, name: str) -> None:
+        """``drop`` in the calling thread (already away from the hub)."""
+        _unlink(self._fd, name)
 
     def where(self) -> str:
         return self._private or self.directory or ""

@@ -465,24 +465,26 @@ class Session:
         except OSError as exc:
             return self._start_failed("cannot read %s: %s" % (self.script.path, exc.strerror))
         try:
-            workdir = self._workdir = self._make_workdir(source)
+            plan = self.config.plan
+            driver = self._driver_reason or (plan.driver_reason if plan else "no loader plan")
+            script_digest = build.digest(source)
+            look_up = not (st.st_mode & 0o111 or driver)
+            workdir, kept = in_pool(self._stage, source, script_digest if look_up else None)
+            self._workdir = workdir
             self._reader.annotator = Annotator(parse_declarations(
                 source.decode("utf-8", "replace"))) or None
             if st.st_mode & 0o111:
                 return self._run_whole(WRAPPER, [self._copy(workdir), "-m", self.script.module],
                                        workdir)
-            plan = self.config.plan
-            reason = self._driver_reason or (plan.driver_reason if plan else "no loader plan")
-            if reason is not None:
+            if driver is not None:
                 if plan is not None and self._driver_reason is None:
-                    plan.note_driver(reason)
+                    plan.note_driver(driver)
                 return self._run_whole(DRIVER, self._driver_argv(workdir), workdir)
-            kept = self._kept_module(build.digest(source))
             if kept is not None:
                 uptime = self._load_kept(kept, workdir)
                 if uptime is not False:
                     return uptime
-            return self._compile_and_load(build.digest(source), workdir)
+            return self._compile_and_load(script_digest, workdir)
         except _StartEnded:
             return None
         except _SpawnFailed as exc:
@@ -526,43 +528,45 @@ class Session:
             return self._read_source()
         raise _StartEnded()
 
-    def _make_workdir(self, source: bytes) -> str:
-        """A private working directory holding a copy of SOURCE under the
-        script's own name: the compiler and a wrapper run that copy, which
-        nobody else can change."""
+    def _stage(self, source: bytes, script_digest: Optional[str]):
+        """(working directory, kept module or None), in the thread pool: a
+        private working directory holding a copy of SOURCE under the
+        script's own name (what the compiler or a wrapper runs: nobody else
+        can change it) and, when SCRIPT_DIGEST is given, the module kept for
+        those bytes, copied in under this run's module name."""
         workdir = tempfile.mkdtemp(prefix=naming.workdir_prefix(os.getpid(), self.script.module),
                                    dir=self.config.workdir_root)
         try:
-            in_pool(_write_private, os.path.join(workdir, self.script.name), source)
+            _write_private(os.path.join(workdir, self.script.name), source)
         except BaseException:
-            rmtree(workdir)
+            trust.remove_tree(workdir)
             raise
-        return workdir
+        cache = self.config.cache
+        if script_digest is None or cache is None or not cache.enabled:
+            return workdir, None
+        kept = cache.find([cache.key(script_digest, suffix, self.script.module)
+                           for suffix in build.LOADERS
+                           if not self.config.plan.loader_refusal(suffix)])
+        if kept is None:
+            return workdir, None
+        try:
+            cache.place(kept, workdir, self.script.module + os.path.splitext(kept)[1])
+        except (OSError, trust.Untrusted) as exc:
+            log.warning("cache: script=%s cannot use the kept module (%s); recompiling",
+                        self.name, escape_line(getattr(exc, "strerror", None) or str(exc)))
+            cache.drop_now(kept)
+            return workdir, None
+        return workdir, kept
 
     def _copy(self, workdir: str) -> str:
         return os.path.join(workdir, self.script.name)
-
-    def _kept_module(self, script_digest: str) -> Optional[str]:
-        cache = self.config.cache
-        if cache is None or not cache.enabled:
-            return None
-        return in_pool(cache.find, [cache.key(script_digest, suffix, self.script.module)
-                                    for suffix in build.LOADERS
-                                    if not self.config.plan.loader_refusal(suffix)])
 
     def _load_kept(self, kept: str, workdir: str):
         """Load the kept module KEPT; its uptime as ``_serve`` returns it, or
         False when it would not run (forgotten: compile next)."""
         suffix = os.path.splitext(kept)[1]
         module_file = self.script.module + suffix
-        try:
-            in_pool(self.config.cache.place, kept, workdir, module_file)
-            proc = self._spawn(LOAD, self.config.plan.loader_argv(suffix, module_file), workdir)
-        except (OSError, trust.Untrusted) as exc:
-            log.warning("cache: script=%s cannot use the kept module (%s); recompiling",
-                        self.name, escape_line(getattr(exc, "strerror", None) or str(exc)))
-            self.config.cache.drop(kept)
-            return False
+        proc = self._spawn(LOAD, self.config.plan.loader_argv(suffix, module_file), workdir)
         event = self._wait(proc)
         if event == EXIT and not self._produced:
             # A changed kernel or runtime, say: forget it and compile afresh,
@@ -595,12 +599,14 @@ class Session:
             if refusal:
                 plan.note_driver(refusal)
                 return self._serve(self._spawn(DRIVER, self._driver_argv(workdir), workdir))
+            proc = self._spawn(LOAD, plan.loader_argv(suffix, module_file), workdir)
+            # Kept while the loader starts, not before: the copy would
+            # delay the first metrics.
             if self.config.cache is not None and self.config.cache.store(
                     workdir, module_file,
                     self.config.cache.key(script_digest, suffix, self.script.module)):
                 log.info("cache: script=%s kept the compiled module for the next start",
                          self.name)
-            proc = self._spawn(LOAD, plan.loader_argv(suffix, module_file), workdir)
             event = self._wait(proc, until_output=True)
             if event == EXIT and not self._produced:
                 # The loader alone does not run here as stap would run it (an
