@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import gevent
 import gevent.threadpool
 
-from . import __version__, discovery, indexpage, proccost
+from . import __version__, discovery, indexpage, logs, proccost
 from .catalog import valid_name
 from .indexpage import terminal_safe
 from .logs import escape_line
@@ -113,6 +113,7 @@ class App:
         self.metrics = metrics
         self.validate = validate
         self.auth = auth
+        self._host_log = logs.Throttle()
 
     def __call__(self, environ, start_response):
         status, headers, body = self.respond(environ)
@@ -241,10 +242,10 @@ class App:
         if address is None:
             address, refused = discovery.request_address(environ)
             if refused is not None:
-                log.info("targets: refused Host header %s from %s; advertising the local"
-                         " address %s instead (see --advertise-address)",
-                         escape_line(refused)[:MAX_LOGGED_HOST], environ.get("REMOTE_ADDR", "-"),
-                         address)
+                self._host_log.event(log, logging.INFO, "targets", "refused Host header %s"
+                                     " from %s; advertising the local address %s instead"
+                                     " (see --advertise-address)", refused[:MAX_LOGGED_HOST],
+                                     environ.get("REMOTE_ADDR", "-"), address)
             if address is None:
                 return text_response(503, "Cannot tell which address to advertise: the"
                                      " request has no usable Host header; see"

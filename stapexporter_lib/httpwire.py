@@ -39,6 +39,10 @@ class HeadersTooLarge(ValueError):
     """Header lines too long, too many, or too much in all."""
 
 
+class BadHeaders(pywsgi._InvalidClientRequest):
+    """Headers that are malformed, incomplete or contradict each other."""
+
+
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
@@ -80,8 +84,9 @@ class Headers:
 
 def read_headers(rfile) -> Headers:
     """Read header lines up to the blank line, within the limits.  Raises
-    HeadersTooLarge, or an _InvalidClientRequest (400) for malformed lines,
-    folded lines, or Content-Length together with Transfer-Encoding."""
+    HeadersTooLarge (431), or BadHeaders (400) for malformed lines,
+    folded lines, Content-Length together with Transfer-Encoding, or an end
+    of input before the blank line."""
     pairs = []
     total = 0
     while True:
@@ -91,19 +96,23 @@ def read_headers(rfile) -> Headers:
         total += len(line)
         if total > MAX_HEADER_BYTES:
             raise HeadersTooLarge("headers larger than %d bytes" % MAX_HEADER_BYTES)
-        if line in (b"\r\n", b"\n", b""):
+        if not line:
+            # A request is complete only with its blank line; it also ends
+            # this way when the server shut a slow client's connection.
+            raise BadHeaders("Connection closed inside the headers")
+        if line in (b"\r\n", b"\n"):
             break
         if len(pairs) >= MAX_HEADERS:
             raise HeadersTooLarge("more than %d headers" % MAX_HEADERS)
         text = line.decode("latin-1").rstrip("\r\n")
         name, sep, value = text.partition(":")
         if not sep or not _TOKEN_RE.match(name):
-            raise pywsgi._InvalidClientRequest("Invalid header line: %r" % text[:100])
+            raise BadHeaders("Invalid header line: %r" % text[:100])
         pairs.append((name, value.strip(" \t")))
     headers = Headers(pairs)
     if headers.get("transfer-encoding") is not None and headers.get("content-length") is not None:
         # Request smuggling territory: refuse rather than pick one.
-        raise pywsgi._InvalidClientRequest("Both Content-Length and Transfer-Encoding given")
+        raise BadHeaders("Both Content-Length and Transfer-Encoding given")
     return headers
 
 
