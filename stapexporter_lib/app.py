@@ -15,7 +15,6 @@ import gzip
 import logging
 import os
 import time
-from email.utils import formatdate
 from typing import Callable, Dict, List, Optional, Tuple
 
 import gevent
@@ -123,11 +122,12 @@ class App:
             if len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
                 body = compress(body)
                 headers.append(("Content-Encoding", "gzip"))
-        headers.append(("Content-Length", str(len(body))))
-        headers.append(("Date", _http_date()))
-        start_response(status, headers)
         if environ.get("REQUEST_METHOD") == "HEAD":
+            # pywsgi sets Date, and Content-Length from what is sent: none here.
+            headers.append(("Content-Length", str(len(body))))
+            start_response(status, headers)
             return [b""]
+        start_response(status, headers)
         return [body]
 
     def respond(self, environ) -> Response:
@@ -294,18 +294,6 @@ class App:
             resident_bytes=cost.resident_bytes if cost else None,
             last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in(),
             queued=s.queued)
-
-
-_date_cache = [0, ""]
-
-
-def _http_date() -> str:
-    """The Date header, formatted once a second rather than per request."""
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True)
-    return _date_cache[1]
 
 
 ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready",

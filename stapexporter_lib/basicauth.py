@@ -52,11 +52,9 @@ class BasicAuth:
     checked against a dummy hash of that cost): timing tells no user names.
     """
 
-    def __init__(self, users: Dict[str, bytes], threads: int = AUTH_THREADS,
-                 queue: int = AUTH_QUEUE):
+    def __init__(self, users: Dict[str, bytes]):
         self.users = {name.encode("utf-8"): hashed for name, hashed in users.items()}
-        self.queue = queue
-        self._slots = gevent.lock.BoundedSemaphore(threads)
+        self._slots = gevent.lock.BoundedSemaphore(AUTH_THREADS)
         self._pending = 0
         self._verified = set()
         self._key = os.urandom(32)
@@ -103,7 +101,7 @@ class BasicAuth:
             return AUTH_OK
         client = "%s:%s" % (environ.get("REMOTE_ADDR", "-"), environ.get("REMOTE_PORT", "-"))
         logged_user = user.decode("utf-8", "replace")[:MAX_LOGGED_USER]
-        if self._pending >= self.queue:
+        if self._pending >= AUTH_QUEUE:
             self._busy_log.event(log, logging.WARNING, "auth", "refused: %d authentication"
                                  " checks under way; answered 503", self._pending,
                                  client=client, user=logged_user)
