@@ -75,7 +75,7 @@ Options:
                             At most N connections at once from one client
                             address (IPv6: one /64); more take the slot of
                             its own idle or slow ones, or get a 503
-                            [default: 64].
+                            [default: 128].
   --scrape-timeout SECONDS  Longest a request waits for a running script's
                             output; shortened by a Prometheus scraper's
                             X-Prometheus-Scrape-Timeout-Seconds [default: 5].

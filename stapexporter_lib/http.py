@@ -35,7 +35,6 @@ own (server.py passes the configuration).
 """
 
 import errno
-import ipaddress
 import logging
 import re
 import socket
@@ -298,21 +297,6 @@ def _peer(address) -> str:
     return str(address or "-")
 
 
-def client_key(address) -> str:
-    """Whose connection it is, for --max-connections-per-client: the client's
-    IP address; for IPv6 its /64, which a single host or site usually has."""
-    host = str(address[0] if isinstance(address, tuple) and address else address)
-    if ":" not in host:
-        return host
-    try:
-        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
-
-
 class Server(pywsgi.WSGIServer):
     """WSGIServer with the connection caps, TCP_NODELAY, a bounded receive
     buffer, send deadlines, slot reuse and EMFILE handling."""
@@ -352,7 +336,7 @@ class Server(pywsgi.WSGIServer):
         return self.connections >= self.max_connections
 
     def track(self, handler: Handler) -> None:
-        handler.client_key = client_key(handler.client_address)
+        handler.client_key = httpwire.client_key(handler.client_address)
         self.handlers[handler] = None
 
     def untrack(self, handler: Handler) -> None:
@@ -375,7 +359,7 @@ class Server(pywsgi.WSGIServer):
         return result
 
     def handle(self, sock, address):
-        key = client_key(address)
+        key = httpwire.client_key(address)
         if self.per_client.get(key, 0) >= self.max_per_client and not self._make_room(key):
             self._refuse(sock, address, "refused connection: this client's %d connections are"
                          " busy with requests (--max-connections-per-client)",

@@ -1,11 +1,13 @@
 """The bytes on an HTTP connection, below the handler: request header
 parsing within limits, canned answers for requests refused before the
-application sees them, and socket shut-down helpers.
+application sees them, socket shut-down helpers, and which client a peer
+address counts as.
 
 Owns the header limits and parser.  Must not know about scripts, sessions or
 the server's slots (``http.py``).
 """
 
+import ipaddress
 import os
 import re
 import select
@@ -148,3 +150,18 @@ def has_input(sock) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+def client_key(address) -> str:
+    """The client a peer ADDRESS counts as (for the per-client cap): its IP
+    address; for IPv6 its /64, which a single host or site usually has."""
+    host = str(address[0] if isinstance(address, tuple) and address else address)
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
