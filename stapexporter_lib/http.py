@@ -34,6 +34,7 @@ own (server.py passes the configuration).
 * Request-derived text reaches the log only as quoted free text (logs.py).
 """
 
+import collections
 import errno
 import logging
 import re
@@ -314,7 +315,7 @@ class Server(pywsgi.WSGIServer):
         self.per_client = {}        # client_key -> connections
         self.closing = False
         self.handlers = {}          # Handler -> None, oldest first
-        self._throttles = {}        # (log text, kind) -> logs.Throttle
+        self._throttles = collections.defaultdict(logs.Throttle)   # by (log text, kind)
         self._emfile_logged = False
         hub = gevent.get_hub()
         if AcceptPaused not in hub.NOT_ERROR:
@@ -360,12 +361,14 @@ class Server(pywsgi.WSGIServer):
 
     def handle(self, sock, address):
         key = httpwire.client_key(address)
-        if self.per_client.get(key, 0) >= self.max_per_client and not self._make_room(key):
-            self._refuse(sock, address, "refused connection: this client's %d connections are"
-                         " busy with requests (--max-connections-per-client)",
-                         self.max_per_client)
-            return
-        if self.at_capacity() and not self._make_room():
+        if self.per_client.get(key, 0) >= self.max_per_client:
+            # One of its own makes room (none of anyone else's).
+            if not self._make_room(key):
+                self._refuse(sock, address, "refused connection: this client's %d connections"
+                             " are busy with requests (--max-connections-per-client)",
+                             self.max_per_client)
+                return
+        elif self.at_capacity() and not self._make_room():
             self._refuse(sock, address, "refused connection: all %d slots busy with requests",
                          self.max_connections)
             return
@@ -431,11 +434,7 @@ class Server(pywsgi.WSGIServer):
     def log_throttled(self, level: int, text: str, *args, client: str, kind=None) -> None:
         """An ``http`` event a client can cause at will: at most one line of
         each KIND (default: each TEXT) per logs.THROTTLE_INTERVAL."""
-        key = (text, kind)
-        throttle = self._throttles.get(key)
-        if throttle is None:
-            throttle = self._throttles[key] = logs.Throttle()
-        throttle.event(log, level, "http", text, *args, client=client)
+        self._throttles[text, kind].event(log, level, "http", text, *args, client=client)
 
     def _refuse(self, sock, address, text: str, *args) -> None:
         self.log_throttled(logging.WARNING, text, *args, client=_peer(address))
