@@ -15,13 +15,12 @@ import gzip
 import logging
 import os
 import time
-from email.utils import formatdate
 from typing import Callable, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.threadpool
 
-from . import __version__, discovery
+from . import __version__, discovery, logs
 from .scripts import proccost
 from .web import indexpage
 from .scripts.catalog import valid_name
@@ -114,6 +113,7 @@ class App:
         self.metrics = metrics
         self.validate = validate
         self.auth = auth
+        self._host_log = logs.Throttle()
 
     def __call__(self, environ, start_response):
         status, headers, body = self.respond(environ)
@@ -123,11 +123,12 @@ class App:
             if len(body) >= GZIP_MIN_BYTES and wants_gzip(environ):
                 body = compress(body)
                 headers.append(("Content-Encoding", "gzip"))
-        headers.append(("Content-Length", str(len(body))))
-        headers.append(("Date", _http_date()))
-        start_response(status, headers)
         if environ.get("REQUEST_METHOD") == "HEAD":
+            # pywsgi sets Date, and Content-Length from what is sent: none here.
+            headers.append(("Content-Length", str(len(body))))
+            start_response(status, headers)
             return [b""]
+        start_response(status, headers)
         return [body]
 
     def respond(self, environ) -> Response:
@@ -242,10 +243,10 @@ class App:
         if address is None:
             address, refused = discovery.request_address(environ)
             if refused is not None:
-                log.info("targets: refused Host header %s from %s; advertising the local"
-                         " address %s instead (see --advertise-address)",
-                         escape_line(refused)[:MAX_LOGGED_HOST], environ.get("REMOTE_ADDR", "-"),
-                         address)
+                self._host_log.event(log, logging.INFO, "targets", "refused Host header %s"
+                                     " from %s; advertising the local address %s instead"
+                                     " (see --advertise-address)", refused[:MAX_LOGGED_HOST],
+                                     environ.get("REMOTE_ADDR", "-"), address)
             if address is None:
                 return text_response(503, "Cannot tell which address to advertise: the"
                                      " request has no usable Host header; see"
@@ -294,18 +295,6 @@ class App:
             resident_bytes=cost.resident_bytes if cost else None,
             last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in(),
             queued=s.queued)
-
-
-_date_cache = [0, ""]
-
-
-def _http_date() -> str:
-    """The Date header, formatted once a second rather than per request."""
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True)
-    return _date_cache[1]
 
 
 ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready",

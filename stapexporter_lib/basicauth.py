@@ -1,17 +1,11 @@
 """HTTP basic authentication against bcrypt hashes, for ``--web-config``.
 
-bcrypt is slow by design: checks run in a small thread pool of their own
-(the hub's pool reads script output), with a bounded number under way;
-successes are cached briefly under a per-process HMAC key; failures take
-the same time whichever user was named.
-
 Owns the ``Authorization`` check.  Must not read the configuration file
 (``webconfig.load`` gives it the users) or touch sessions or sockets.
 """
 
 import base64
 import binascii
-import collections
 import hashlib
 import hmac
 import logging
@@ -21,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import bcrypt
 import gevent
-import gevent.threadpool
+import gevent.lock
 
 from . import logs
 
@@ -29,11 +23,9 @@ log = logging.getLogger("stap-exporter")
 
 CHALLENGE = ("WWW-Authenticate", 'Basic realm="stap-exporter", charset="UTF-8"')
 
-# Successful checks remembered by BasicAuth: how many, and for how long.
-AUTH_CACHE_SIZE = 1024
-AUTH_CACHE_TTL = 60.0
-# bcrypt threads (separate from the hub's pool, which reads output), and how
-# many checks may run or wait at once before requests get 503.
+# bcrypt checks running at once (in the hub's thread pool, whose other
+# threads keep reading script output), and how many may run or wait before
+# requests get 503.
 AUTH_THREADS = 2
 AUTH_QUEUE = 16
 # verify()'s answers.
@@ -50,35 +42,23 @@ BCRYPT_MAX_PASSWORD = 72
 class BasicAuth:
     """HTTP basic authentication against bcrypt hashes.
 
-    bcrypt is slow by design, so it runs in a small thread pool of its own
-    (AUTH_THREADS), never on the hub and never in the pool that reads
-    scripts' output, so failed logins cannot starve scrapes.  At most
-    AUTH_QUEUE checks run or wait at once; beyond that ``verify`` answers
-    BUSY at once (the app sends 503).  Successful checks are remembered for
-    AUTH_CACHE_TTL seconds (bounded LRU keyed by an HMAC of user and
-    password under a per-process key), so a scraper's repeated requests
-    cost one bcrypt; failures are never remembered.
-
-    A failure takes as long as a check at the highest configured cost,
-    whichever user was named (known at a lower cost, known, or unknown):
-    the name cannot be probed by timing.
+    A password that was verified is remembered (an HMAC under a per-process
+    key) for as long as the process runs, as the users cannot change
+    meanwhile: a scraper costs one bcrypt check in all, and wrong passwords,
+    however many, never make it wait.  Failures are not remembered; at most
+    AUTH_THREADS checks run at once and AUTH_QUEUE run or wait, beyond that
+    ``verify`` answers BUSY at once.  A failure takes as long as a check at
+    the highest configured cost whichever user was named (an unknown one is
+    checked against a dummy hash of that cost): timing tells no user names.
     """
 
-    def __init__(self, users: Dict[str, bytes], cache_size: int = AUTH_CACHE_SIZE,
-                 threads: int = AUTH_THREADS, queue: int = AUTH_QUEUE,
-                 cache_ttl: float = AUTH_CACHE_TTL, clock=time.monotonic):
-        self.users = [(name.encode("utf-8"), hashed) for name, hashed in users.items()]
-        self.cache_size = cache_size
-        self.cache_ttl = cache_ttl
-        self.queue = queue
-        self.clock = clock
-        self._threads = threads
-        self._pool = None
+    def __init__(self, users: Dict[str, bytes]):
+        self.users = {name.encode("utf-8"): hashed for name, hashed in users.items()}
+        self._slots = gevent.lock.BoundedSemaphore(AUTH_THREADS)
         self._pending = 0
-        self._cache = collections.OrderedDict()  # type: collections.OrderedDict
+        self._verified = set()
         self._key = os.urandom(32)
-        self._max_cost = max((_cost(h) for _, h in self.users), default=4)
-        # Unknown users are checked against a hash of the highest cost.
+        self._max_cost = max((_cost(h) for h in self.users.values()), default=4)
         self._dummy = b"$2b$%02d$" % self._max_cost + b"." * 53
         self._failure_time = None   # seconds a check at the highest cost takes
         self._busy_log = logs.Throttle()
@@ -108,10 +88,6 @@ class BasicAuth:
             return None
         return user, password
 
-    def check(self, environ) -> bool:
-        """True if the request carries the right user name and password."""
-        return self.verify(environ) == AUTH_OK
-
     def verify(self, environ) -> str:
         """AUTH_OK, AUTH_DENIED, or AUTH_BUSY when too many checks are
         already under way.  Blocks only the calling greenlet."""
@@ -119,77 +95,43 @@ class BasicAuth:
         if creds is None:
             return AUTH_DENIED
         user, password = creds
-        hashed = None
-        for name, candidate in self.users:
-            if hmac.compare_digest(name, user):
-                hashed = candidate
+        password = password[:BCRYPT_MAX_PASSWORD]
         key = hmac.new(self._key, user + b":" + password, hashlib.sha256).digest()
-        if hashed is not None and self._cached(key):
+        if key in self._verified:
             return AUTH_OK
-        if self._pending >= self.queue:
-            self._log_refusal(self._busy_log, "refused: %d authentication checks under way;"
-                              " answered 503", environ, user, self._pending)
+        client = "%s:%s" % (environ.get("REMOTE_ADDR", "-"), environ.get("REMOTE_PORT", "-"))
+        logged_user = user.decode("utf-8", "replace")[:MAX_LOGGED_USER]
+        if self._pending >= AUTH_QUEUE:
+            self._busy_log.event(log, logging.WARNING, "auth", "refused: %d authentication"
+                                 " checks under way; answered 503", self._pending,
+                                 client=client, user=logged_user)
             return AUTH_BUSY
-        target = hashed or self._dummy
-        ok, took = self._run(password[:BCRYPT_MAX_PASSWORD], target)
-        if _cost(target) == self._max_cost:
-            self._learn(took)
+        hashed = self.users.get(user)
+        ok, took = self._check(password, hashed or self._dummy)
         if ok and hashed is not None:
-            self._remember(key)
+            self._verified.add(key)
             return AUTH_OK
-        self._pad_failure(took)
-        self._log_refusal(self._denied_log, "denied: wrong user name or password",
-                          environ, user)
+        if self._failure_time is None:
+            self._check(b"", self._dummy)       # measures the highest cost
+        if self._failure_time > took:
+            gevent.sleep(self._failure_time - took)
+        self._denied_log.event(log, logging.WARNING, "auth", "denied: wrong user name or"
+                               " password", client=client, user=logged_user)
         return AUTH_DENIED
 
-    def _run(self, password: bytes, hashed: bytes) -> Tuple[bool, float]:
-        if self._pool is None:
-            self._pool = gevent.threadpool.ThreadPool(self._threads)
+    def _check(self, password: bytes, hashed: bytes) -> Tuple[bool, float]:
+        """(bcrypt's answer, seconds it took), off the hub; learns how long
+        a check at the highest cost takes."""
         self._pending += 1
         try:
-            return self._pool.apply(_timed_checkpw, (password, hashed))
+            with self._slots:
+                ok, took = gevent.get_hub().threadpool.apply(_timed_checkpw, (password, hashed))
         finally:
             self._pending -= 1
-
-    def _learn(self, took: float) -> None:
-        old = self._failure_time
-        self._failure_time = took if old is None else old + FAILURE_TIME_WEIGHT * (took - old)
-
-    def _pad_failure(self, took: float) -> None:
-        """Make this failure last as long as a check at the highest cost."""
-        if self._failure_time is None:
-            # Nothing measured at the highest cost yet: measure it now.
-            _, measured = self._run(b"", self._dummy)
-            self._learn(measured)
-        remaining = self._failure_time - took
-        if remaining > 0:
-            gevent.sleep(remaining)
-
-    def _cached(self, key: bytes) -> bool:
-        expires = self._cache.get(key)
-        if expires is None:
-            return False
-        if expires <= self.clock():
-            del self._cache[key]
-            return False
-        self._cache.move_to_end(key)
-        return True
-
-    def _remember(self, key: bytes) -> None:
-        self._cache[key] = self.clock() + self.cache_ttl
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-
-    @staticmethod
-    def _log_refusal(throttle, text: str, environ, user: bytes, *args) -> None:
-        skipped = throttle.allow()
-        if skipped is not None:
-            logs.event(log, logging.WARNING, "auth", text + "%s", *args,
-                       " (and %d more not logged)" % skipped if skipped else "",
-                       client="%s:%s" % (environ.get("REMOTE_ADDR", "-"),
-                                         environ.get("REMOTE_PORT", "-")),
-                       user=user.decode("utf-8", "replace")[:MAX_LOGGED_USER])
+        if _cost(hashed) == self._max_cost:
+            old = self._failure_time
+            self._failure_time = took if old is None else old + FAILURE_TIME_WEIGHT * (took - old)
+        return ok, took
 
 
 def _cost(hashed: bytes) -> int:
@@ -199,12 +141,8 @@ def _cost(hashed: bytes) -> int:
 def _timed_checkpw(password: bytes, hashed: bytes) -> Tuple[bool, float]:
     """(checkpw's answer, seconds it took), measured in the worker thread."""
     started = time.perf_counter()
-    ok = _checkpw(password, hashed)
-    return ok, time.perf_counter() - started
-
-
-def _checkpw(password: bytes, hashed: bytes) -> bool:
     try:
-        return bcrypt.checkpw(password, hashed)
+        ok = bcrypt.checkpw(password, hashed)
     except ValueError:
-        return False
+        ok = False
+    return ok, time.perf_counter() - started

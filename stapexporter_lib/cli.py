@@ -81,12 +81,17 @@ Options:
                             queued and start in turn [default: 4].
   --max-connections N       At most N client connections at once; more get a
                             503 and are closed [default: 512].
+  --max-connections-per-client N
+                            At most N connections at once from one client
+                            address (IPv6: one /64); more take the slot of
+                            its own idle or slow ones, or get a 503
+                            [default: 128].
   --scrape-timeout SECONDS  Longest a request waits for a running script's
                             output; shortened by a Prometheus scraper's
                             X-Prometheus-Scrape-Timeout-Seconds [default: 5].
   --header-timeout SECONDS  Time a client gets to send its request line and
-                            headers; also how long an idle keep-alive
-                            connection is kept [default: 30].
+                            headers (at most 10); also how long an idle
+                            keep-alive connection is kept [default: 30].
   --send-timeout SECONDS    Drop a client that reads nothing of a response
                             for SECONDS [default: 10].
   --recompile               Compile a script afresh on every start instead of
@@ -136,6 +141,7 @@ class Config:
     max_scripts: int
     max_starting: int
     max_connections: int
+    max_connections_per_client: int
     scrape_timeout: float
     header_timeout: float
     send_timeout: float
@@ -173,6 +179,8 @@ def parse(argv: List[str]) -> Config:
         max_scripts=_count("--max-scripts", args["--max-scripts"]),
         max_starting=_count("--max-starting", args["--max-starting"]),
         max_connections=_count("--max-connections", args["--max-connections"]),
+        max_connections_per_client=_count("--max-connections-per-client",
+                                          args["--max-connections-per-client"]),
         listen=_listen(args["--listen"]),
         advertise_address=_advertise(args["--advertise-address"]),
         stap=_stap(args["--stap"]),

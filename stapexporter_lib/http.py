@@ -9,9 +9,10 @@ own (server.py passes the configuration).
 * Keep-alive: a connection is closed for idleness only after
   --header-timeout with no byte of a new request; once the first byte of a
   request is in, the request is answered (408 if its request line and
-  headers take longer than --header-timeout).  Server-initiated closes
-  happen between requests; when the server knows in advance (stopping, all
-  slots taken, the client asked) the last response says Connection: close.
+  headers take longer than --header-timeout or HEAD_TIMEOUT, the shorter).
+  Server-initiated closes happen between requests; when the server knows in
+  advance (stopping, all slots taken, the client asked) the last response
+  says Connection: close.
 * A send deadline: a client that takes nothing of a response for
   --send-timeout is dropped (connection reset, its queued data freed).
 * Read-ahead is bounded: accepted sockets get a small receive buffer, so a
@@ -22,20 +23,24 @@ own (server.py passes the configuration).
 * HTTP/0.9 requests and requests carrying both Content-Length and
   Transfer-Encoding are rejected (400); a body sent with GET/HEAD is not
   drained: the response is sent and the connection closed.
-* --max-connections: when all slots are taken, the connection idle longest
-  (or stalled sending longest, at least STALLED_AFTER) is closed to make
-  room; only when every connection is in the middle of a request does a new
-  one get a short 503.
+* --max-connections: when all slots are taken, the connection that has
+  waited longest for its request (idle, or still sending its request line
+  and headers) or stalled sending longest (at least STALLED_AFTER) is closed
+  to make room; only when every connection is busy with a request does a
+  new one get a short 503.  --max-connections-per-client caps one client
+  address (an IPv6 /64) the same way, among its own connections.
 * Running out of file descriptors (EMFILE) pauses accepting with backoff
   instead of printing a traceback per attempt; it recovers by itself.
 * Request-derived text reaches the log only as quoted free text (logs.py).
 """
 
+import collections
 import errno
 import logging
 import re
 import socket
 import time
+from typing import Optional
 
 import gevent
 from gevent import pywsgi
@@ -56,6 +61,10 @@ SEND_CHUNK = 256 * 1024
 # A connection blocked this long in a send counts as stalled (may be dropped
 # when its slot is needed).
 STALLED_AFTER = 1.0
+# Once its first byte is in, a request's line and headers must all be in
+# within this many seconds (or --header-timeout, if shorter): a client sends
+# them at once, one that drips them only holds a slot.
+HEAD_TIMEOUT = 10.0
 # How much of a client-caused error message goes into the log.
 MAX_LOGGED_TEXT = 500
 SHUTDOWN_POLL = 0.05
@@ -90,9 +99,11 @@ _VERSION_RE = re.compile(r"^HTTP/(\d{1,3})\.(\d{1,3})$")
 
 
 # What a connection is doing, for choosing one to drop when all slots are
-# taken: only IDLE ones (waiting for a request, nothing received) and
-# SENDING ones stalled for STALLED_AFTER seconds are ever dropped.
+# taken: IDLE ones (waiting for a request, nothing received), READING ones
+# (request line and headers not all in) and SENDING ones stalled for
+# STALLED_AFTER seconds may be dropped; BUSY ones never.
 IDLE, READING, BUSY, SENDING = "idle", "reading", "busy", "sending"
+_DOING = {IDLE: "idle", READING: "sending its request", SENDING: "stalled sending"}
 
 
 class Handler(pywsgi.WSGIHandler):
@@ -101,6 +112,7 @@ class Handler(pywsgi.WSGIHandler):
     phase = IDLE
     phase_since = 0.0
     dropped = None      # why the server took this connection's slot, if it did
+    client_key = None   # the client, as --max-connections-per-client counts them
     _deadline = None
 
     def _set_phase(self, phase: str) -> None:
@@ -122,11 +134,11 @@ class Handler(pywsgi.WSGIHandler):
         if self.server.closing or not self._wait_for_request():
             return None
         # The first byte of a request is in: from here on it is answered
-        # (408 if the rest does not arrive within --header-timeout).  A new
-        # timer per request: a restarted gevent.Timeout resumes with what
-        # was left of it, so a reused one cut busy connections (issue 15).
+        # (408 if the rest does not arrive in time).  A new timer per
+        # request: a restarted gevent.Timeout resumes with what was left of
+        # it, and would cut a later request short.
         self._set_phase(READING)
-        deadline = self._deadline = gevent.Timeout(self.server.header_timeout,
+        deadline = self._deadline = gevent.Timeout(min(self.server.header_timeout, HEAD_TIMEOUT),
                                                    HeaderTimeout("request timeout"))
         deadline.start()
         try:
@@ -199,10 +211,8 @@ class Handler(pywsgi.WSGIHandler):
     def _drop_stalled(self, reason: str) -> None:
         self.close_connection = True
         httpwire.abort_on_close(self.socket)
-        n = self.server.drop_throttle.allow()
-        if n is not None:
-            logs.event(log, logging.WARNING, "http", "dropped connection: %s%s", reason,
-                       _more(n), client=_peer(self.client_address))
+        self.server.log_throttled(logging.WARNING, "dropped connection: %s", reason,
+                                  client=_peer(self.client_address))
 
     def _write_with_headers(self, data):
         # pywsgi sends the headers and the body in two writes; one is enough
@@ -262,28 +272,24 @@ class Handler(pywsgi.WSGIHandler):
         return result
 
     def _handle_client_error(self, ex):
+        if self.dropped:
+            # The server shut the connection while the request came in.
+            logs.event(log, logging.DEBUG, "http", "closed connection: %s", self.dropped,
+                       client=_peer(self.client_address))
+            return None
         if isinstance(ex, HeaderTimeout):
             return ("408", httpwire.REQUEST_TIMEOUT)
-        if isinstance(ex, httpwire.HeadersTooLarge):
-            self.log_error("Request rejected: %s", ex)
-            return ("431", httpwire.HEADERS_TOO_LARGE)
         # Anything else raised while parsing a request is still the client's
-        # doing: one log line, a 400, never a traceback.
-        self.log_error("Invalid request: %s", getattr(ex, "formatted_message", None) or
-                       str(ex) or ex.__class__.__name__)
+        # doing: a 400, never a traceback, and a log line (at most one of
+        # each kind of error per interval, as a client can repeat them).
+        too_large = isinstance(ex, httpwire.HeadersTooLarge)
+        text = getattr(ex, "formatted_message", None) or str(ex) or ex.__class__.__name__
+        self.server.log_throttled(logging.INFO, "Request rejected: %s" if too_large else
+                                  "Invalid request: %s", text[:MAX_LOGGED_TEXT],
+                                  client=_peer(self.client_address), kind=type(ex))
+        if too_large:
+            return ("431", httpwire.HEADERS_TOO_LARGE)
         return ("400", httpwire.BAD_REQUEST)
-
-    def log_error(self, msg, *args):
-        try:
-            message = msg % args if args else msg
-        except TypeError:
-            message = "%r %r" % (msg, args)
-        logs.event(log, logging.INFO, "http", "%s", str(message)[:MAX_LOGGED_TEXT],
-                   client=_peer(self.client_address))
-
-
-def _more(skipped: int) -> str:
-    return " (and %d more not logged)" % skipped if skipped else ""
 
 
 def _peer(address) -> str:
@@ -293,22 +299,23 @@ def _peer(address) -> str:
 
 
 class Server(pywsgi.WSGIServer):
-    """WSGIServer with the connection cap, TCP_NODELAY, a bounded receive
+    """WSGIServer with the connection caps, TCP_NODELAY, a bounded receive
     buffer, send deadlines, slot reuse and EMFILE handling."""
 
     handler_class = Handler
 
     def __init__(self, listener, application, header_timeout: float, max_connections: int,
-                 send_timeout: float, **kwargs):
+                 max_per_client: int, send_timeout: float, **kwargs):
         super().__init__(listener, application, **kwargs)
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self.connections = 0
+        self.per_client = {}        # client_key -> connections
         self.closing = False
         self.handlers = {}          # Handler -> None, oldest first
-        self.drop_throttle = logs.Throttle()
-        self._refuse_throttle = logs.Throttle()
+        self._throttles = collections.defaultdict(logs.Throttle)   # by (log text, kind)
         self._emfile_logged = False
         hub = gevent.get_hub()
         if AcceptPaused not in hub.NOT_ERROR:
@@ -330,6 +337,7 @@ class Server(pywsgi.WSGIServer):
         return self.connections >= self.max_connections
 
     def track(self, handler: Handler) -> None:
+        handler.client_key = httpwire.client_key(handler.client_address)
         self.handlers[handler] = None
 
     def untrack(self, handler: Handler) -> None:
@@ -352,10 +360,20 @@ class Server(pywsgi.WSGIServer):
         return result
 
     def handle(self, sock, address):
-        if self.at_capacity() and not self._make_room():
-            self._refuse(sock, address)
+        key = httpwire.client_key(address)
+        if self.per_client.get(key, 0) >= self.max_per_client:
+            # One of its own makes room (none of anyone else's).
+            if not self._make_room(key):
+                self._refuse(sock, address, "refused connection: this client's %d connections"
+                             " are busy with requests (--max-connections-per-client)",
+                             self.max_per_client)
+                return
+        elif self.at_capacity() and not self._make_room():
+            self._refuse(sock, address, "refused connection: all %d slots busy with requests",
+                         self.max_connections)
             return
         self.connections += 1
+        self.per_client[key] = self.per_client.get(key, 0) + 1
         try:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -364,25 +382,32 @@ class Server(pywsgi.WSGIServer):
             super().handle(sock, address)
         finally:
             self.connections -= 1
+            self.per_client[key] -= 1
+            if not self.per_client[key]:
+                del self.per_client[key]
 
-    def _make_room(self) -> bool:
-        """All slots are taken: drop the connection that has waited longest
-        for a request, or that has been unable to send the longest (at least
-        STALLED_AFTER).  False when every connection is busy with a request."""
+    def _make_room(self, key: Optional[str] = None) -> bool:
+        """All slots (of client KEY, if given) are taken: drop the connection
+        that has waited longest for its request, or that has been unable to
+        send the longest (at least STALLED_AFTER).  False when every one is
+        busy with a request."""
         now = time.monotonic()
         victim, oldest = None, -1.0
         for handler in self.handlers:
             age = now - handler.phase_since
-            if handler.dropped or age <= oldest or getattr(handler, "socket", None) is None:
+            if handler.dropped or age <= oldest or getattr(handler, "socket", None) is None \
+                    or key not in (None, handler.client_key):
                 continue
-            if handler.phase == IDLE or (handler.phase == SENDING and age >= STALLED_AFTER):
-                if handler.phase == IDLE and httpwire.has_input(handler.socket):
-                    continue
+            if handler.phase == IDLE and httpwire.has_input(handler.socket):
+                continue        # its request has just begun
+            if handler.phase in (IDLE, READING) or (handler.phase == SENDING
+                                                    and age >= STALLED_AFTER):
                 victim, oldest = handler, age
         if victim is None:
             return False
-        victim.dropped = "%s for %.1f s, its slot was needed (--max-connections %d)" % (
-            "idle" if victim.phase == IDLE else "stalled sending", oldest, self.max_connections)
+        victim.dropped = "%s for %.1f s, its slot was needed (%s)" % (
+            _DOING[victim.phase], oldest, "--max-connections %d" % self.max_connections
+            if key is None else "--max-connections-per-client %d" % self.max_per_client)
         if victim.phase == SENDING:
             httpwire.abort_on_close(victim.socket)
         httpwire.shutdown(victim.socket)
@@ -406,12 +431,13 @@ class Server(pywsgi.WSGIServer):
             gevent.sleep(SHUTDOWN_POLL)
         return not self.handlers
 
-    def _refuse(self, sock, address):
-        n = self._refuse_throttle.allow()
-        if n is not None:
-            logs.event(log, logging.WARNING, "http", "refused connection: all %d slots busy"
-                       " with requests%s", self.max_connections, _more(n),
-                       client=_peer(address))
+    def log_throttled(self, level: int, text: str, *args, client: str, kind=None) -> None:
+        """An ``http`` event a client can cause at will: at most one line of
+        each KIND (default: each TEXT) per logs.THROTTLE_INTERVAL."""
+        self._throttles[text, kind].event(log, level, "http", text, *args, client=client)
+
+    def _refuse(self, sock, address, text: str, *args) -> None:
+        self.log_throttled(logging.WARNING, text, *args, client=_peer(address))
         try:
             sock.settimeout(1.0)
             sock.sendall(httpwire.TOO_MANY_CONNECTIONS)

@@ -1,11 +1,13 @@
 """The bytes on an HTTP connection, below the handler: request header
 parsing within limits, canned answers for requests refused before the
-application sees them, and socket shut-down helpers.
+application sees them, socket shut-down helpers, and which client a peer
+address counts as.
 
 Owns the header limits and parser.  Must not know about scripts, sessions or
 the server's slots (``http.py``).
 """
 
+import ipaddress
 import os
 import re
 import select
@@ -37,6 +39,10 @@ BAD_REQUEST = canned("400 Bad Request", "Bad request.")
 
 class HeadersTooLarge(ValueError):
     """Header lines too long, too many, or too much in all."""
+
+
+class BadHeaders(pywsgi._InvalidClientRequest):
+    """Headers that are malformed, incomplete or contradict each other."""
 
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -80,8 +86,9 @@ class Headers:
 
 def read_headers(rfile) -> Headers:
     """Read header lines up to the blank line, within the limits.  Raises
-    HeadersTooLarge, or an _InvalidClientRequest (400) for malformed lines,
-    folded lines, or Content-Length together with Transfer-Encoding."""
+    HeadersTooLarge (431), or BadHeaders (400) for malformed lines,
+    folded lines, Content-Length together with Transfer-Encoding, or an end
+    of input before the blank line."""
     pairs = []
     total = 0
     while True:
@@ -91,19 +98,23 @@ def read_headers(rfile) -> Headers:
         total += len(line)
         if total > MAX_HEADER_BYTES:
             raise HeadersTooLarge("headers larger than %d bytes" % MAX_HEADER_BYTES)
-        if line in (b"\r\n", b"\n", b""):
+        if not line:
+            # A request is complete only with its blank line; it also ends
+            # this way when the server shut a slow client's connection.
+            raise BadHeaders("Connection closed inside the headers")
+        if line in (b"\r\n", b"\n"):
             break
         if len(pairs) >= MAX_HEADERS:
             raise HeadersTooLarge("more than %d headers" % MAX_HEADERS)
         text = line.decode("latin-1").rstrip("\r\n")
         name, sep, value = text.partition(":")
         if not sep or not _TOKEN_RE.match(name):
-            raise pywsgi._InvalidClientRequest("Invalid header line: %r" % text[:100])
+            raise BadHeaders("Invalid header line: %r" % text[:100])
         pairs.append((name, value.strip(" \t")))
     headers = Headers(pairs)
     if headers.get("transfer-encoding") is not None and headers.get("content-length") is not None:
         # Request smuggling territory: refuse rather than pick one.
-        raise pywsgi._InvalidClientRequest("Both Content-Length and Transfer-Encoding given")
+        raise BadHeaders("Both Content-Length and Transfer-Encoding given")
     return headers
 
 
@@ -139,3 +150,18 @@ def has_input(sock) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+def client_key(address) -> str:
+    """The client a peer ADDRESS counts as (for the per-client cap): its IP
+    address; for IPv6 its /64, which a single host or site usually has."""
+    host = str(address[0] if isinstance(address, tuple) and address else address)
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))

@@ -111,6 +111,15 @@ class Throttle:
         skipped, self._skipped = self._skipped, 0
         return skipped
 
+    def event(self, logger: logging.Logger, level: int, name: str, text: str, *args,
+              **fields) -> None:
+        """``event()``, unless one went out less than INTERVAL ago; the next
+        one that goes out says how many were left out."""
+        skipped = self.allow()
+        if skipped is not None:
+            event(logger, level, name, text + "%s", *args,
+                  " (and %d more not logged)" % skipped if skipped else "", **fields)
+
 
 # -- taking a record apart -------------------------------------------------------
 

@@ -36,6 +36,8 @@ from .web.selfmetrics import SelfMetrics
 log = logging.getLogger("stap-exporter")
 
 BACKLOG = 1024
+# The first descriptor systemd passes a socket-activated service (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
 # How long in-flight requests get to finish once the scripts have stopped.
 REQUEST_DRAIN = 2.0
 
@@ -77,6 +79,38 @@ def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
                 continue
             break
     raise StartupError(last)
+
+
+def inherited_listener() -> Optional[gsocket.socket]:
+    """The listening socket systemd passed this process (socket activation:
+    LISTEN_PID is our pid, LISTEN_FDS at least 1), or None.  The variables
+    are removed so that no child takes them for its own.  Raises
+    StartupError when descriptor 3 is not a listening TCP socket."""
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or not count or not count.isdigit() or int(count) < 1:
+        return None
+    fd = SD_LISTEN_FDS_START
+    refusal = "socket activation: descriptor %d (LISTEN_FDS) is not a listening TCP socket" % fd
+    try:
+        sock = gsocket.socket(fileno=fd)
+    except OSError as exc:
+        raise StartupError("%s: %s" % (refusal, exc.strerror)) from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError:
+        listening = kind = None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM \
+            or not listening:
+        sock.detach()
+        raise StartupError(refusal)
+    os.set_inheritable(fd, False)
+    if int(count) > 1:
+        log.warning("socket-activation: serving descriptor %d only; %d more passed are not"
+                    " used", fd, int(count) - 1)
+    return sock
 
 
 class _LocalAddressHandler(Server.handler_class):
@@ -126,13 +160,19 @@ class Exporter:
         gevent.signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
         gevent.signal_handler(signal.SIGHUP, self._on_hup)
-        listener = make_listener(self.config.listen, self.config.port)
+        listener = inherited_listener()
+        if listener is None:
+            listener = make_listener(self.config.listen, self.config.port)
+        else:
+            log.info("socket-activation: serving the listening socket systemd passed;"
+                     " --port and --listen are not used")
         set_child_subreaper()
         sweep_leftovers(self.config.procfs_dirs, spare=[self.config.cache_dir])
         self.module_cache.setup()
         self.server = Server(listener, self.app, log=AccessLog(), error_log=AccessLog(),
                              spawn="default", header_timeout=self.config.header_timeout,
                              max_connections=self.config.max_connections,
+                             max_per_client=self.config.max_connections_per_client,
                              handler_class=_LocalAddressHandler,
                              send_timeout=self.config.send_timeout,
                              **webconfig.wrap_socket_args(self.web))

@@ -25,7 +25,7 @@ served as ``NoClientCert`` (the certificate is never used either way), and
 ``RequireAnyClientCert`` is refused.  The file is read once, by ``load()``;
 the toolkit rereads it on every request.
 
-Owns the web configuration file and basic-auth checks.  Must not touch
+Owns the web configuration file.  Must not touch
 sessions or sockets (``http.py`` wraps the listener with its TLS context).
 """
 
@@ -35,9 +35,7 @@ import re
 import ssl
 from typing import Dict, List, Optional
 
-import gevent
 import gevent.ssl
-import gevent.threadpool
 import yaml
 
 from .logs import escape_line

@@ -34,11 +34,11 @@ def _web_config(tmp_path, users):
 
 
 class WrongPasswordFlood:
-    """ATTACKERS keep-alive connections, each sending the next request with a
+    """COUNT keep-alive connections, each sending the next request with a
     wrong password as soon as the previous one is answered (and connecting
     again when the server closes it)."""
 
-    def __init__(self, exp):
+    def __init__(self, exp, count=ATTACKERS):
         self.address = (exp.host, exp.port)
         self.statuses = {}
         self.stop = threading.Event()
@@ -46,7 +46,7 @@ class WrongPasswordFlood:
                    % _basic("prom", "wrong")).encode()
         self.request = request
         self.sel = selectors.DefaultSelector()
-        for _ in range(ATTACKERS):
+        for _ in range(count):
             self._connect()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -179,7 +179,7 @@ def test_accepted_sockets_get_tcp_nodelay(monkeypatch):
     try:
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
         server = srv.Server(("127.0.0.1", 0), lambda e, s: [], header_timeout=30.0,
-                            max_connections=512, send_timeout=10.0)
+                            max_connections=512, max_per_client=64, send_timeout=10.0)
         server.handle(accepted, addr)
         assert seen and seen[0] != 0
     finally:

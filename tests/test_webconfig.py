@@ -18,7 +18,7 @@ import gevent
 import pytest
 from gevent import pywsgi
 
-from stapexporter_lib.basicauth import CHALLENGE, BasicAuth
+from stapexporter_lib.basicauth import AUTH_DENIED, AUTH_OK, CHALLENGE, BasicAuth
 from stapexporter_lib.webconfig import WebConfigError, load, wrap_socket_args
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
@@ -269,37 +269,37 @@ def test_basic_auth_right_wrong_missing(confdir, counted_checkpw):
     config = load(write_config(confdir, "basic_auth_users:\n  alice: %s\n  bob: %s\n"
                                         % (hash_pw("s3cret"), hash_pw("pässword"))))
     auth = BasicAuth(config.users)
-    assert auth.check(basic("alice", "s3cret"))
-    assert auth.check(basic("bob", "pässword"))
-    assert not auth.check(basic("alice", "wrong"))
-    assert not auth.check(basic("alice", "pässword"))      # bob's password
-    assert not auth.check(basic("carol", "s3cret"))        # unknown user
-    assert not auth.check({})
+    assert auth.verify(basic("alice", "s3cret")) == AUTH_OK
+    assert auth.verify(basic("bob", "pässword")) == AUTH_OK
+    assert auth.verify(basic("alice", "wrong")) == AUTH_DENIED
+    assert auth.verify(basic("alice", "pässword")) == AUTH_DENIED      # bob's password
+    assert auth.verify(basic("carol", "s3cret")) == AUTH_DENIED        # unknown user
+    assert auth.verify({}) == AUTH_DENIED
     assert CHALLENGE == ("WWW-Authenticate", 'Basic realm="stap-exporter", charset="UTF-8"')
 
 
 def test_basic_auth_success_is_cached_failure_is_not(counted_checkpw):
     auth = BasicAuth({"alice": hash_pw("s3cret").encode()})
-    assert auth.check(basic("alice", "s3cret"))
-    assert auth.check(basic("alice", "s3cret"))
-    assert auth.check(basic("alice", "s3cret"))
+    assert auth.verify(basic("alice", "s3cret")) == AUTH_OK
+    assert auth.verify(basic("alice", "s3cret")) == AUTH_OK
+    assert auth.verify(basic("alice", "s3cret")) == AUTH_OK
     assert len(counted_checkpw) == 1
-    assert not auth.check(basic("alice", "nope"))
-    assert not auth.check(basic("alice", "nope"))
+    assert auth.verify(basic("alice", "nope")) == AUTH_DENIED
+    assert auth.verify(basic("alice", "nope")) == AUTH_DENIED
     assert len(counted_checkpw) == 3
     # Unknown users still cost one bcrypt each (no timing hint), never cached.
-    assert not auth.check(basic("mallory", "s3cret"))
+    assert auth.verify(basic("mallory", "s3cret")) == AUTH_DENIED
     assert len(counted_checkpw) == 4
 
 
-def test_basic_auth_cache_is_bounded(counted_checkpw):
-    users = {"u%d" % i: hash_pw("p%d" % i).encode() for i in range(3)}
-    auth = BasicAuth(users, cache_size=2)
-    for i in range(3):
-        assert auth.check(basic("u%d" % i, "p%d" % i))
-    assert len(auth._cache) == 2
-    assert auth.check(basic("u2", "p2")) and len(counted_checkpw) == 3     # still cached
-    assert auth.check(basic("u0", "p0")) and len(counted_checkpw) == 4     # was evicted
+def test_basic_auth_remembers_one_password_per_user(counted_checkpw):
+    # bcrypt reads the first 72 bytes: longer passwords are that password.
+    long_password = "p" * 72
+    auth = BasicAuth({"alice": hash_pw(long_password).encode(), "bob": hash_pw("b").encode()})
+    for suffix in ("", "x", "yy"):
+        assert auth.verify(basic("alice", long_password + suffix)) == AUTH_OK
+    assert auth.verify(basic("bob", "b")) == AUTH_OK
+    assert len(counted_checkpw) == 2 and len(auth._verified) == 2
 
 
 @pytest.mark.parametrize("header", [
@@ -313,16 +313,16 @@ def test_basic_auth_cache_is_bounded(counted_checkpw):
 ])
 def test_basic_auth_garbage_is_false(header, counted_checkpw):
     auth = BasicAuth({"alice": hash_pw("s3cret").encode()})
-    assert auth.check({"HTTP_AUTHORIZATION": header}) is False
+    assert auth.verify({"HTTP_AUTHORIZATION": header}) == AUTH_DENIED
     assert counted_checkpw == []
 
 
 def test_basic_auth_scheme_case_and_long_password(counted_checkpw):
     auth = BasicAuth({"alice": hash_pw("s3cret").encode()})
     raw = base64.b64encode(b"alice:s3cret").decode()
-    assert auth.check({"HTTP_AUTHORIZATION": "basic  " + raw})
+    assert auth.verify({"HTTP_AUTHORIZATION": "basic  " + raw}) == AUTH_OK
     # bcrypt looks at 72 bytes; longer passwords are a failure, not a crash.
-    assert not auth.check(basic("alice", "x" * 200))
+    assert auth.verify(basic("alice", "x" * 200)) == AUTH_DENIED
 
 
 def test_basic_auth_does_not_block_the_hub(monkeypatch):
@@ -341,7 +341,8 @@ def test_basic_auth_does_not_block_the_hub(monkeypatch):
             gevent.sleep(0.01)
     g = gevent.spawn(ticker)
     try:
-        assert BasicAuth({"alice": hash_pw("x").encode()}).check(basic("alice", "anything"))
+        assert BasicAuth({"alice": hash_pw("x").encode()}).verify(
+            basic("alice", "anything")) == AUTH_OK
     finally:
         g.kill()
     assert len(ticks) >= 5
