@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from docopt import DocoptExit, docopt
 
-from . import __version__, discovery, trust
+from . import __version__, addresses, trust
 
 PROG = "stap-exporter"
 DEFAULT_SCRIPTS_DIR = "/etc/stap-exporter"
@@ -273,11 +273,11 @@ def _advertise(value: Optional[str]) -> Optional[str]:
     """HOST:PORT (IPv6 in brackets), normalised; None when not given."""
     if value is None:
         return None
-    parsed = discovery.parse_host_port(value.strip())
+    parsed = addresses.parse_host_port(value.strip())
     if parsed is None:
         raise UsageError("--advertise-address: %r is not HOST:PORT (a host name or IP"
                          " address, IPv6 in brackets, and a port 1-65535)" % value)
-    return discovery.format_address(*parsed)
+    return addresses.format_address(*parsed)
 
 
 def _stap(value: str) -> List[str]:

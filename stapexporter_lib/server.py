@@ -10,6 +10,7 @@ Must not hold request or lifecycle logic.
 
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -20,17 +21,18 @@ import gevent
 import gevent.event
 from gevent import socket as gsocket
 
-from . import __version__, basicauth, cli, discovery, webconfig
-from .app import App
-from .http import Server
-from .scripts.leftovers import sweep_leftovers
+from . import __version__, cli
 from .logs import AccessLog, setup_logging
 from .scripts import output
 from .scripts.build import ModuleCache, Plan
 from .scripts.catalog import Catalog
 from .scripts.manager import Manager
+from .scripts.leftovers import sweep_leftovers
 from .scripts.process import set_child_subreaper
 from .scripts.session import START_WAIT, SessionConfig
+from .web import basicauth, discovery, webconfig
+from .web.app import App
+from .web.http import Server
 from .web.selfmetrics import SelfMetrics
 
 log = logging.getLogger("stap-exporter")

@@ -245,17 +245,17 @@ def test_manpage_has_reference_section(title):
 # code's own definitions (app.py, httpwire.py, session.Outcome, states.py,
 # selfmetrics.py) and looked for in the one file that documents each.
 
-APP_PY = os.path.join(ROOT, "stapexporter_lib", "app.py")
+APP_PY = os.path.join(ROOT, "stapexporter_lib", "web", "app.py")
 
 
 def endpoints():
-    from stapexporter_lib import app
+    from stapexporter_lib.web import app
     return sorted(["/", "/NAME.stp"] + list(app.ROUTES))
 
 
 def status_codes():
     """Every status code the app or the HTTP layer answers with."""
-    from stapexporter_lib import app, httpwire
+    from stapexporter_lib.web import app, httpwire
     codes = {int(code) for code in app._STATUS}
     for value in vars(httpwire).values():
         if isinstance(value, bytes) and value.startswith(b"HTTP/1.1 "):

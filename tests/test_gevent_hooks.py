@@ -1,4 +1,4 @@
-"""The private gevent.pywsgi hooks that stapexporter_lib/http.py relies on
+"""The private gevent.pywsgi hooks that stapexporter_lib/web/http.py relies on
 still exist and are still called by pywsgi.
 
 http.py subclasses pywsgi's WSGIHandler and WSGIServer and overrides or calls
@@ -19,7 +19,7 @@ import pytest
 from gevent import pywsgi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HTTP_PY = os.path.join(ROOT, "stapexporter_lib", "http.py")
+HTTP_PY = os.path.join(ROOT, "stapexporter_lib", "web", "http.py")
 
 # Methods http.py overrides that only matter if pywsgi itself calls them
 # (``self.NAME(`` in pywsgi's source), with what the override does.
@@ -49,7 +49,7 @@ PYWSGI_SOURCE = inspect.getsource(pywsgi)
 def gevent_says(name):
     import gevent
     return ("gevent %s no longer provides the private pywsgi hook %s that"
-            " stapexporter_lib/http.py relies on" % (gevent.__version__, name))
+            " stapexporter_lib/web/http.py relies on" % (gevent.__version__, name))
 
 
 @pytest.mark.parametrize("name", sorted(CALLED_BY_PYWSGI))

@@ -167,7 +167,7 @@ def test_paths_outside_the_directory_are_404(exporter, path):
 def test_accepted_sockets_get_tcp_nodelay(monkeypatch):
     # pywsgi writes headers and body separately: without TCP_NODELAY a
     # keep-alive client waits ~40 ms for the delayed ACK on every response.
-    from stapexporter_lib import http as srv
+    from stapexporter_lib.web import http as srv
     seen = []
     monkeypatch.setattr(srv.pywsgi.WSGIServer, "handle", lambda self, sock, addr: seen.append(
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))

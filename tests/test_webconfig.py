@@ -18,8 +18,8 @@ import gevent
 import pytest
 from gevent import pywsgi
 
-from stapexporter_lib.basicauth import AUTH_DENIED, AUTH_OK, CHALLENGE, BasicAuth
-from stapexporter_lib.webconfig import WebConfigError, load, wrap_socket_args
+from stapexporter_lib.web.basicauth import AUTH_DENIED, AUTH_OK, CHALLENGE, BasicAuth
+from stapexporter_lib.web.webconfig import WebConfigError, load, wrap_socket_args
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

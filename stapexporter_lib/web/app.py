@@ -20,13 +20,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import gevent
 import gevent.threadpool
 
-from . import __version__, discovery, logs
-from .scripts import proccost
-from .web import indexpage
-from .scripts.catalog import valid_name
-from .logs import escape_line
-from .offhub import in_pool
-from .scripts.session import Outcome, Session
+from .. import __version__, logs
+from ..logs import escape_line
+from ..offhub import in_pool
+from ..scripts import proccost
+from ..scripts.catalog import valid_name
+from ..scripts.session import Outcome, Session
+from . import discovery, indexpage
 from .basicauth import AUTH_BUSY, AUTH_OK, CHALLENGE
 
 log = logging.getLogger("stap-exporter")

@@ -45,7 +45,8 @@ from typing import Optional
 import gevent
 from gevent import pywsgi
 
-from . import httpwire, logs
+from .. import logs
+from . import httpwire
 
 log = logging.getLogger("stap-exporter")
 

@@ -17,7 +17,7 @@ import bcrypt
 import gevent
 import gevent.lock
 
-from . import logs
+from .. import logs
 
 log = logging.getLogger("stap-exporter")
 

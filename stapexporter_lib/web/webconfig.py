@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 import gevent.ssl
 import yaml
 
-from .logs import escape_line
+from ..logs import escape_line
 
 log = logging.getLogger("stap-exporter")
 
