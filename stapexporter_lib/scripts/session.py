@@ -18,20 +18,21 @@ are injectable, so tests drive a session with a fake clock and fake
 processes.
 """
 
+import bisect
 import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import signal
 import stat
 import tempfile
 import time
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, List, Optional, Tuple
 
 import gevent
 import gevent.event
-import gevent.lock
 from gevent import subprocess
 
 from .. import trust
@@ -214,6 +215,7 @@ class Session:
         self.last_request = clock()
         self.requests_in_flight = 0  # scrapes under way: the script is not idle meanwhile
         self.queued = False          # the start waits for a --max-starting slot
+        self.ticket = 0              # the start's place in line for a slot
         self._proc: Optional[Process] = None
         self._workdir: Optional[str] = None
         self._watchdog: Optional[gevent.Greenlet] = None
@@ -287,6 +289,7 @@ class Session:
             return
         self._stop_requested = False
         self._backoff.reset()
+        self.ticket = self._start_slots.ticket()
         self._transition(STARTING)
         self._watchdog = gevent.spawn(self._watch)
 
@@ -441,6 +444,7 @@ class Session:
                 if not self._wait_retry():
                     return
                 self.restarts += 1
+                self.ticket = self._start_slots.ticket()
                 self._transition(STARTING)
         except BaseException:
             log.exception("watchdog-crashed: script=%s", self.name)
@@ -824,56 +828,67 @@ class Session:
 class StartSlots:
     """--max-starting: how many starts may compile at once, shared by every
     session.  A slot is taken at once when one is free and nobody waits;
-    otherwise the start is queued and woken in turn (a new start never jumps
-    the queue).  LIMIT None: no limit."""
+    otherwise the start is queued, and slots are handed on in the order the
+    starts were asked for (their tickets), so a new start never jumps the
+    queue.  LIMIT None: no limit."""
 
     def __init__(self, limit: Optional[int]):
         self.limit = limit
-        self._semaphore = gevent.lock.Semaphore(limit or 1)
+        self.taken = 0
+        self._queue: List[Tuple[int, gevent.event.Event]] = []  # by ticket
+        self._tickets = itertools.count()
 
-    @property
-    def taken(self) -> int:
-        return 0 if self.limit is None else self.limit - self._semaphore.counter
+    def ticket(self) -> int:
+        """A start's place in line, taken when it is asked for."""
+        return next(self._tickets)
 
     @contextlib.contextmanager
-    def hold(self, session: Session):
+    def hold(self, session: "Session"):
         """Hold a slot for SESSION's start; a stop while it is queued ends
         the start (``_StartEnded``, the session STOPPED)."""
         if self.limit is None:
             yield
             return
-        semaphore = self._semaphore
-        if semaphore.linkcount() == 0 and semaphore.acquire(blocking=False):
-            held = True
+        if self.taken < self.limit and not self._queue:
+            self.taken += 1
         else:
-            held = self._queue(session)
+            self._wait_turn(session)
         try:
             yield
         finally:
-            if held:
-                semaphore.release()
+            self.taken -= 1
+            self._hand_on()
 
-    def _queue(self, s: Session) -> bool:
+    def _wait_turn(self, s: "Session") -> None:
+        turn = gevent.event.Event()
+        entry = (s.ticket, turn)
+        bisect.insort(self._queue, entry, key=lambda e: e[0])
         s.queued = True
         log.info("queued: script=%s %d scripts are starting (--max-starting %d); it starts"
                  " when one of them is done", s.name, self.taken, self.limit)
-        waiter = gevent.spawn(self._semaphore.acquire)
         try:
-            while not waiter.ready() and not s._stop_requested:
-                s._os.wait([waiter, s._wake], None)
+            while not turn.is_set() and not s._stop_requested:
+                s._os.wait([turn, s._wake], None)
                 s._wake.clear()
         finally:
             s.queued = False
-            if not waiter.ready():
-                waiter.kill()
+            if entry in self._queue:
+                self._queue.remove(entry)
         if s._stop_requested:
-            if waiter.successful() and waiter.value is True:
-                self._semaphore.release()
+            if turn.is_set():  # handed a slot as the stop came: pass it on
+                self.taken -= 1
+                self._hand_on()
             s._stopped()
             raise _StartEnded()
         log.info("dequeued: script=%s starting (its turn under --max-starting)", s.name)
         s.touch()  # its idle time counts from its start, not from the request that queued it
-        return True
+
+    def _hand_on(self) -> None:
+        """Give free slots to the first in line (counted as taken for them)."""
+        while self._queue and self.taken < self.limit:
+            _ticket, turn = self._queue.pop(0)
+            self.taken += 1
+            turn.set()
 
 
 def _compiled_module(workdir: str, module: str) -> Optional[str]:

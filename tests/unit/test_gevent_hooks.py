@@ -18,7 +18,7 @@ import os
 import pytest
 from gevent import pywsgi
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 HTTP_PY = os.path.join(ROOT, "stapexporter_lib", "web", "http.py")
 
 # Methods http.py overrides that only matter if pywsgi itself calls them

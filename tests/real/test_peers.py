@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 import realstap
-from conftest import Exporter, wait_for, write_script
+from conftest import FAKESTAP, ROOT, Exporter, wait_for, write_script
 from stapexporter_lib import cli
 
 pytestmark = pytest.mark.peers
@@ -65,7 +65,7 @@ def peer_exporter(tmp_path, rs):
     fake_procfs.mkdir()
     write_script(scripts, "fake.stp", body=FAKE, executable=True)
     extra = ()
-    stap = os.path.join(os.path.dirname(__file__), "fakestap")
+    stap = FAKESTAP
     if rs is not None:
         (scripts / "ticks.stp").write_text(TICKS)
         stap = rs.stap
@@ -126,7 +126,7 @@ def test_promtool_accepts_bundled_bpf_examples(tmp_path, rs):
     promtool = need("promtool")
     if rs is None:
         pytest.skip(realstap.skip_reason())
-    examples = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "bpf")
+    examples = os.path.join(ROOT, "examples", "bpf")
     exp = Exporter(examples, tmp_path, stap=rs.stap,
                    extra_procfs=[cli.default_procfs_dirs()[1]])
     try:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT as REPO  # noqa: E402
 DIST = os.path.join(REPO, "dist")
 UNIT = os.path.join(DIST, "stap-exporter.service")
 SOCKET = os.path.join(DIST, "stap-exporter.socket")

@@ -159,6 +159,8 @@ def world(tmp_path):
         sessions.append(session)
         return session
     yield make, vt, fake, procfs_dir
+    for proc in fake.procs.values():  # their output pipes close: nothing to drain
+        proc.exit(0)
     for session in sessions:
         if session._watchdog is not None:
             session._watchdog.kill(block=True, timeout=SETTLE)

@@ -26,10 +26,9 @@ import zipfile
 
 import pytest
 
-from conftest import pid_alive, processes_matching, wait_for
+from conftest import ROOT, pid_alive, processes_matching, wait_for
 import realstap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "stap-exporter"
 SCRIPTS_DIR = "/etc/stap-exporter"
 DEFAULTS = "/etc/default/stap-exporter"

@@ -17,7 +17,7 @@ import pytest
 
 import realstap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT as REPO  # noqa: E402
 EXAMPLES = os.path.join(REPO, "examples")
 ALL_EXAMPLES = sorted(glob.glob(os.path.join(EXAMPLES, "**", "*.stp"), recursive=True))
 BPF_EXAMPLES = sorted(glob.glob(os.path.join(EXAMPLES, "bpf", "*.stp")))

@@ -13,8 +13,7 @@ import sys
 
 import pytest
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
+from conftest import ROOT  # noqa: E402
 MANPAGE = os.path.join(ROOT, "man", "stap-exporter.8")
 README = os.path.join(ROOT, "README.md")
 DOCS = os.path.join(ROOT, "docs")
@@ -217,7 +216,7 @@ def test_readme_commands_are_what_ci_and_the_demo_run():
     # Once with Debian's python3 and packages, and the Debian package test.
     assert re.search(r"^PATH=\$DEBIAN_PATH suite$", ci, re.M) \
         and "DEBIAN_PATH=/usr/sbin:/usr/bin:/sbin:/bin" in ci, ci
-    assert "STAP_EXPORTER_PACKAGE_TEST=1" in ci and "tests/test_package.py" in ci
+    assert "STAP_EXPORTER_PACKAGE_TEST=1" in ci and "tests/real/test_package.py" in ci
 
 
 def test_manpage_synopsis_mentions_check():
