@@ -30,7 +30,7 @@ from .scripts.manager import Manager
 from .scripts.leftovers import sweep_leftovers
 from .scripts.process import set_child_subreaper
 from .scripts.session import START_WAIT, SessionConfig
-from .web import basicauth, discovery, webconfig
+from .web import discovery
 from .web.app import App
 from .web.http import Server
 from .web.selfmetrics import SelfMetrics
@@ -144,12 +144,19 @@ class Exporter:
             max_running=config.max_scripts, max_starting=config.max_starting)
         self.metrics = SelfMetrics(self.manager)
         self.web = None
+        self._tls_args: dict = {}
+        auth = None
         if config.web_config:
+            # TLS, YAML and bcrypt are loaded only for a --web-config: an
+            # exporter without one does not carry them (a few MiB resident).
+            from .web import basicauth, webconfig
             try:
                 self.web = webconfig.load(config.web_config)
             except webconfig.WebConfigError as exc:
                 raise StartupError(str(exc)) from None
-        auth = basicauth.BasicAuth(self.web.users) if self.web and self.web.auth_required else None
+            if self.web.auth_required:
+                auth = basicauth.BasicAuth(self.web.users)
+            self._tls_args = webconfig.wrap_socket_args(self.web)
         self.app = App(self.manager, default_timeout=config.scrape_timeout,
                        metrics=self.metrics, validate=config.validate, auth=auth,
                        advertise=config.advertise_address)
@@ -177,7 +184,7 @@ class Exporter:
                              max_per_client=self.config.max_connections_per_client,
                              handler_class=_LocalAddressHandler,
                              send_timeout=self.config.send_timeout,
-                             **webconfig.wrap_socket_args(self.web))
+                             **self._tls_args)
         self.server.start()
         self.manager.start()
         log.info("started: stap-exporter %s listening on %s, scripts in %s: %s",

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Footprint: resident memory of an idle exporter, beside node_exporter's.
+
+The exporter runs on Debian's python3 (``--python`` to choose another) with
+an empty scripts directory; after a few scrapes of /metrics its VmRSS is
+read, several times over (a fresh exporter each time).  Then the same for
+``prometheus-node-exporter`` on a loopback port, when it is installed
+(``apt-get install prometheus-node-exporter``), and for a bare python3 with
+the stack's imports alone (gevent patched as the exporter patches it,
+pywsgi, gevent.subprocess, docopt, prometheus_client): the floor.
+
+    python3 bench/footprint.py [--repeat N] [--python PATH]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import _common as C
+
+NODE_EXPORTER = "prometheus-node-exporter"
+SCRAPES = 5
+# What the exporter's own imports cost without its code: the floor.
+FLOOR = """
+from gevent import monkey
+monkey.patch_all(ssl=False, dns=False)
+import gevent.pywsgi, gevent.subprocess, docopt, prometheus_client
+import sys, time
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def exporter_rss(python, tmp):
+    scripts = os.path.join(tmp, "scripts")
+    procfs = os.path.join(tmp, "procfs")
+    for d in (scripts, procfs):
+        os.makedirs(d, exist_ok=True)
+    exp = C.Exporter(scripts, procfs, python=python)
+    try:
+        for _ in range(SCRAPES):
+            C.fetch(exp.port, "/metrics")
+        time.sleep(0.5)
+        return C.rss_kib(exp.pid) / 1024.0
+    finally:
+        exp.stop()
+
+
+def node_exporter_rss():
+    path = shutil.which(NODE_EXPORTER)
+    if path is None:
+        return None
+    port = C.free_port()
+    proc = subprocess.Popen([path, "--web.listen-address=%s:%d" % (C.HOST, port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    C.on_exit(lambda: C.stop_process(proc))
+    try:
+        C.wait_port(port, proc, NODE_EXPORTER)
+        for _ in range(SCRAPES):
+            C.fetch(port, "/metrics")
+        time.sleep(0.5)
+        return C.rss_kib(proc.pid) / 1024.0
+    finally:
+        C.stop_process(proc)
+
+
+def floor_rss(python):
+    proc = subprocess.Popen([python, "-c", FLOOR], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    C.on_exit(lambda: C.stop_process(proc))
+    try:
+        proc.stdout.readline()
+        return C.rss_kib(proc.pid) / 1024.0
+    finally:
+        C.stop_process(proc)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="stap-exporter idle footprint")
+    ap.add_argument("--repeat", type=int, default=5, help="fresh processes measured (5)")
+    ap.add_argument("--python", default="/usr/bin/python3",
+                    help="interpreter for the exporter (Debian's)")
+    args = ap.parse_args()
+    print("footprint: %s; exporter on %s" % (C.machine_line(), args.python))
+    tmp = C.make_tempdir()
+    rows = []
+    ours = [exporter_rss(args.python, tmp) for _ in range(args.repeat)]
+    rows.append(["stap-exporter, idle, after %d scrapes of /metrics" % SCRAPES,
+                 "%.1f" % C.median(ours), "%.1f..%.1f" % (min(ours), max(ours))])
+    floor = [floor_rss(args.python) for _ in range(args.repeat)]
+    rows.append(["floor: python3 with the stack's imports only", "%.1f" % C.median(floor),
+                 "%.1f..%.1f" % (min(floor), max(floor))])
+    node = [node_exporter_rss() for _ in range(args.repeat)]
+    if node[0] is None:
+        rows.append([NODE_EXPORTER, "not installed", "-"])
+    else:
+        rows.append([NODE_EXPORTER + ", after %d scrapes" % SCRAPES, "%.1f" % C.median(node),
+                     "%.1f..%.1f" % (min(node), max(node))])
+    print(C.table(["process", "RSS MiB (median)", "range"], rows))
+    print("SUMMARY footprint: stap-exporter %.1f MiB idle (floor %.1f MiB)%s"
+          % (C.median(ours), C.median(floor),
+             "" if node[0] is None else ", %s %.1f MiB" % (NODE_EXPORTER, C.median(node))))
+    return 0
+
+
+if __name__ == "__main__":
+    C.main_wrapper(main)
