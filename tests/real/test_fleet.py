@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, Exporter, stop_and_check, wait_for, write_script
 from test_peers import free_port, need, query, start_prometheus
-from test_webconfig_e2e import https_get, tls_files, write_config  # noqa: F401 (fixture)
+from webhelpers import https_get, tls_files, write_config  # noqa: F401 (fixture)
 
 PCP_URLS = os.path.join(ROOT, "tools", "stap-exporter-pcp-urls")
 ESC_NAME = "e\x1b]0;OWNED\x07x.stp"
