@@ -1,12 +1,9 @@
 """--web-config end to end: the daemon serves TLS and demands basic auth."""
 
-import base64
 import http.client
-import ssl
 import subprocess
 import sys
 
-import bcrypt
 import pytest
 
 from conftest import EXPORTER, ROOT, write_script
