@@ -23,9 +23,10 @@ log = logging.getLogger("stap-exporter")
 CHALLENGE = ("WWW-Authenticate", 'Basic realm="stap-exporter", charset="UTF-8"')
 
 # bcrypt checks running at once (in the hub's thread pool, whose other
-# threads keep reading script output), and how many may run or wait before
-# requests get 503.
-AUTH_THREADS = 2
+# threads keep reading script output; one, so that a flood of wrong
+# passwords costs the host one core at most), and how many may run or wait
+# before requests get 503.
+AUTH_THREADS = 1
 AUTH_QUEUE = 16
 # verify()'s answers.
 AUTH_OK, AUTH_DENIED, AUTH_BUSY = "ok", "denied", "busy"

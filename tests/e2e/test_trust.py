@@ -1,4 +1,4 @@
-"""Issue 9: the root daemon trusts only what root controls.
+"""The root daemon trusts only what root controls.
 
 End to end, with a real unprivileged account (tests/localattack.py) acting
 as the attacker against the real daemon and the stand-in fakestap:
@@ -53,6 +53,7 @@ def refused_lines(exp, script):
 def assert_refused_once(exp, script):
     for _ in range(3):
         assert exp.get("/" + script).status == 502
+    exp.wait_log(r"event=refused script=%s " % re.escape(script))  # the log is read by a thread
     assert len(refused_lines(exp, script)) == 1, refused_lines(exp, script)
 
 
@@ -76,7 +77,7 @@ def planted(path, marker):
 
 
 def test_attacker_owned_output_directory(dirs, start, attacker, shared, tmp_path):
-    """The issue's attack: an unprivileged user creates the runtime's output
+    """An unprivileged user creates the runtime's output
     directory first, then swaps module directories for their own."""
     scripts, good_procfs = dirs
     secret = Secret(tmp_path)
