@@ -177,11 +177,11 @@ class Exporter:
     """A stap-exporter child on a free loopback port (``-p 0``)."""
 
     def __init__(self, scripts, procfs, args=(), stap=None, env=None, log_level="info",
-                 startup_timeout=60.0, python=None, prefix_cmd=()):
+                 startup_timeout=60.0, python=None, prefix_cmd=(), exporter=EXPORTER):
         self.scripts = scripts
         self.procfs = procfs
         stap = stap or FAKESTAP
-        cmd = list(prefix_cmd) + [python or sys.executable, EXPORTER, "-p", "0",
+        cmd = list(prefix_cmd) + [python or sys.executable, exporter, "-p", "0",
                                   "--listen", HOST, "-s", scripts, "--stap", stap,
                                   "--procfs-dirs", procfs, "--log-level", log_level]
         cmd += list(args)

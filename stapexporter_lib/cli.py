@@ -6,12 +6,11 @@ source), their validation and ``Config``.  Must not touch sockets, processes
 or logging.
 """
 
-import dataclasses
 import math
 import os
 import pwd
 import shlex
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 from docopt import DocoptExit, docopt
 
@@ -123,8 +122,7 @@ class UsageError(Exception):
     """A bad command line; the message is one line for the user."""
 
 
-@dataclasses.dataclass
-class Config:
+class Config(NamedTuple):
     """Validated settings, built by ``parse()`` from the parsed options alone:
     the usage text is the single source of every default, so neither this
     class nor the components it configures have defaults of their own."""

@@ -183,6 +183,10 @@ class Exporter:
                              max_connections=self.config.max_connections,
                              max_per_client=self.config.max_connections_per_client,
                              handler_class=_LocalAddressHandler,
+                             # pywsgi would otherwise look the address up in
+                             # DNS (getfqdn) at start-up, in a thread, however
+                             # slow the resolver.
+                             environ={"SERVER_NAME": str(listener.getsockname()[0])},
                              send_timeout=self.config.send_timeout,
                              **self._tls_args)
         self.server.start()

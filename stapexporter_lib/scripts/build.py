@@ -217,7 +217,8 @@ class ModuleCache:
         self._identity = json.dumps([version or "unknown:%d" % os.getpid(),
                                      os.uname().release, self.stap])
         try:
-            self._fd = in_pool(_open_cache_dir, self.directory)
+            # Once, before the server starts: a few metadata calls on the hub.
+            self._fd = _open_cache_dir(self.directory)
             self.persistent = True
             log.info("cache: dir=%s compiled modules are kept across restarts",
                      escape_line(self.directory))

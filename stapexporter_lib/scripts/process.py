@@ -12,8 +12,6 @@ processes on a fake clock and never signal a real process by a fake pid.
 """
 
 import ctypes
-import ctypes.util
-import dataclasses
 import logging
 import os
 import signal
@@ -46,7 +44,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
     _prctl = _libc.prctl
 except (OSError, AttributeError):  # not Linux/glibc: no death signal
     _prctl = None
@@ -69,7 +67,6 @@ def wait_any(objects: Sequence[Any], timeout: Optional[float]) -> Sequence[Any]:
 MemberSignaller = Callable[[int, int], Tuple[List[int], List[pgroup.Refused]]]
 
 
-@dataclasses.dataclass
 class Seams:
     """The operating system as a session sees it: the clock, waiting,
     forking and signalling a process group.  Tests substitute fakes.
@@ -78,20 +75,17 @@ class Seams:
     ``killpg`` of its own (a fake process world) a group is signalled
     through it, as a whole, until it says the group is gone."""
 
-    clock: Callable[[], float] = time.monotonic
-    wait: Waiter = wait_any
-    popen: Callable[..., Any] = subprocess.Popen
-    killpg: Callable[[int, int], None] = os.killpg
-    kill: Callable[[int, int], None] = os.kill
-    unreaped: Optional[Callable[[int], bool]] = None
-    signal_members: Optional[MemberSignaller] = None
-
-    def __post_init__(self):
-        real = self.killpg is os.killpg
-        if self.unreaped is None:
-            self.unreaped = pgroup.unreaped if real else lambda pid: True
-        if self.signal_members is None:
-            self.signal_members = _members_off_hub if real else _whole_group(self.killpg)
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wait: Waiter = wait_any,
+                 popen: Callable[..., Any] = subprocess.Popen,
+                 killpg: Callable[[int, int], None] = os.killpg,
+                 kill: Callable[[int, int], None] = os.kill,
+                 unreaped: Optional[Callable[[int], bool]] = None,
+                 signal_members: Optional[MemberSignaller] = None):
+        self.clock, self.wait, self.popen, self.killpg, self.kill = clock, wait, popen, killpg, kill
+        real = killpg is os.killpg
+        self.unreaped = unreaped or (pgroup.unreaped if real else lambda pid: True)
+        self.signal_members = signal_members or (
+            _members_off_hub if real else _whole_group(killpg))
 
 
 def _members_off_hub(pgid: int, sig: int):

@@ -21,7 +21,6 @@ processes.
 import bisect
 import collections
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -29,7 +28,7 @@ import signal
 import stat
 import tempfile
 import time
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, NamedTuple, Optional, Tuple
 
 import gevent
 import gevent.event
@@ -93,8 +92,7 @@ LOAD = "load"         # the loader alone, on the compiled module
 EXIT, STOP, IDLE, OUTPUT = "exit", "stop", "idle", "output"
 
 
-@dataclasses.dataclass
-class SessionConfig:
+class SessionConfig(NamedTuple):
     """What a session needs from the exporter's configuration (built by
     ``server.Exporter`` from ``cli.Config``; no defaults of its own)."""
 

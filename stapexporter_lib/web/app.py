@@ -17,8 +17,6 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-import gevent
-import gevent.threadpool
 
 from .. import __version__, logs
 from ..logs import escape_line
@@ -62,21 +60,16 @@ def text_response(code: int, text: str, extra: Optional[List[Tuple[str, str]]] =
 # Bodies smaller than this are sent as they are even to gzip-capable clients.
 GZIP_MIN_BYTES = 1024
 GZIP_LEVEL = 6
-# Bodies this large are compressed in a thread (up to 16 MiB takes a good part
-# of a second: never on the hub), by GZIP_THREADS threads of their own so
-# they cannot hold up output reads in the hub's pool.
+# Bodies this large are compressed in the hub's thread pool (up to 16 MiB
+# takes a good part of a second: never on the hub).
 GZIP_THREAD_MIN_BYTES = 64 * 1024
-GZIP_THREADS = 2
-_gzip_pool = []
 
 
 def compress(body: bytes) -> bytes:
     """BODY gzip-compressed, off the hub when it is large."""
     if len(body) < GZIP_THREAD_MIN_BYTES:
         return gzip.compress(body, GZIP_LEVEL)
-    if not _gzip_pool:
-        _gzip_pool.append(gevent.threadpool.ThreadPool(GZIP_THREADS))
-    return _gzip_pool[0].apply(gzip.compress, (body, GZIP_LEVEL))
+    return in_pool(gzip.compress, body, GZIP_LEVEL)
 
 
 def wants_gzip(environ) -> bool:
