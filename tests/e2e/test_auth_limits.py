@@ -1,4 +1,4 @@
-"""Basic auth under attack, end to end (issue 14 points 6 and 7): failed
+"""Basic auth under attack, end to end: failed
 logins cannot starve scrapes, and the time a failure takes does not tell
 which user names exist."""
 

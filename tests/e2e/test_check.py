@@ -107,7 +107,7 @@ def test_every_script_gets_exactly_one_line(scripts):
 
 
 def test_terminal_escapes_in_names_and_stderr_are_printed_escaped(scripts):
-    """Issue 14 point 10: a script named with ESC sequences (and failing
+    """A script named with ESC sequences (and failing
     with them on stderr) cannot retitle or recolour the user's terminal."""
     title = "\x1b]0;OWNED\x07x.stp"
     red = "\x1b[31mred\u009b2J\u2028.stp"

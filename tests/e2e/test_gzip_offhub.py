@@ -1,4 +1,4 @@
-"""gzip of large bodies runs off the hub (issue 14 point 8), end to end: the
+"""gzip of large bodies runs off the hub, end to end: the
 gevent monitor thread reports any greenlet that holds the hub too long."""
 
 import gzip

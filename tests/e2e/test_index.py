@@ -1,5 +1,5 @@
 """The index page: the text table for terminals (every control character
-escaped: issue 14, point 10), the HTML page, and that page rendered by a real
+escaped), the HTML page, and that page rendered by a real
 headless browser (Debian's chromium) at a phone's and a desktop's width."""
 
 import os

@@ -1,4 +1,4 @@
-"""Keep-alive connections, end to end (issue 15): a connection in use is never
+"""Keep-alive connections, end to end: a connection in use is never
 closed under a client; an idle one is closed after --header-timeout, between
 requests; a request whose first byte arrived is answered; the last response
 before a close the server knows of says ``Connection: close``."""

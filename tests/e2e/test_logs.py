@@ -1,4 +1,4 @@
-"""Log lines cannot be forged (issue 14 point 9): the structure of a line
+"""Log lines cannot be forged: the structure of a line
 comes from the code, user-controlled text is quoted, and C0/C1 controls and
 U+2028/U+2029 and the bidirectional controls are escaped.  End to end against the daemon, then the
 formatters in-process."""

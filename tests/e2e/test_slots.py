@@ -1,4 +1,4 @@
-"""Connection slots, end to end (issue 14 point 5): clients that pipeline
+"""Connection slots, end to end: clients that pipeline
 requests and never read the answers can neither hold slots forever nor make
 the exporter queue their input; well-behaved clients keep being served."""
 

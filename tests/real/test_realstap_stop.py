@@ -1,4 +1,4 @@
-"""Issue 9: stopping a real BPF script lets its `probe end` run to completion.
+"""Stopping a real BPF script lets its `probe end` run to completion.
 
 Stopping used to signal the whole process group at once: stap forwarded the
 signal to stapbpf, which got it twice and sometimes aborted its end probes

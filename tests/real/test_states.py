@@ -1,4 +1,4 @@
-"""Honest states (issue 11), end to end with the real daemon and fakestap:
+"""Honest states, end to end with the real daemon and fakestap:
 an autostart script nobody scrapes is ``running`` and up as soon as its
 output exists; a script whose file is not trusted is ``refused`` with the
 reason (index and self-metrics) until the file is fixed; a crashing

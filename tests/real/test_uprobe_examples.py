@@ -44,7 +44,7 @@ HISTOGRAM_SCRIPTS = {"timer-jitter-histogram.stp": "timer_jitter_seconds",
                      "libc-getaddrinfo.stp": "libc_getaddrinfo_duration_seconds"}
 KEEPALIVE = 3          # seconds; -k of the shared exporter
 BURST = 25             # calls/starts per exact measurement
-BODIES = 1000          # bodies read per histogram script (issue 15)
+BODIES = 1000          # bodies read per histogram script
 ROUND_SECONDS = 0.05   # the workload's pause between background rounds
 MALLOCS = 100          # malloc() calls per run of the C program
 
@@ -246,7 +246,7 @@ def check_histogram_body(text, family):
 
 @pytest.mark.parametrize("script", sorted(HISTOGRAM_SCRIPTS))
 def test_histogram_bodies_are_self_consistent(uprobe_env, script):
-    """Issue 15: 1,000 bodies read while the script counts, over one
+    """1,000 bodies read while the script counts, over one
     keep-alive connection; every one consistent."""
     exporter, workload = uprobe_env
     family = HISTOGRAM_SCRIPTS[script]
