@@ -442,7 +442,9 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
     spawned(fake, 1)
     second = gevent.spawn(manager.get("b.stp").scrape, 5)
     third = gevent.spawn(manager.get("c.stp").scrape, 5)
-    settle(lambda: manager.get("c.stp").queued, "c.stp to be queued")
+    # Each start reads its file in the thread pool before it asks for a slot.
+    settle(lambda: manager.get("b.stp").queued and manager.get("c.stp").queued,
+           "b.stp and c.stp to be queued")
     vt.advance(0.5)
     for waiting in (second, third):
         busy = waiting.get(timeout=SETTLE)
