@@ -308,17 +308,34 @@ for i in range(count):
 """
 
 
-def serves_within(seconds, *args, **kw):
-    """An Exporter(*ARGS, **KW) that answered HTTP within SECONDS of its launch."""
+def launch_to_serve(*args, **kw):
+    """(an Exporter(*ARGS, **KW) that has answered HTTP, seconds from its
+    launch to that answer)."""
     launched = time.monotonic()
     exp = Exporter(*args, **kw)
     try:
         assert exp.get("/").status == 200
-        took = time.monotonic() - launched
-        assert took < seconds, "the exporter served %.1f s after its launch" % took
     except BaseException:
         exp.stop()
         raise
+    return exp, time.monotonic() - launched
+
+
+def start_up_bound(*args, **kw):
+    """How long start-up may take with other users' plants in place: 2 s,
+    or four times a start-up without them measured now when the machine is
+    loaded (a sweep that reads what others planted takes many times that)."""
+    exp, took = launch_to_serve(*args, **kw)
+    exp.stop()
+    return max(2.0, 4 * took)
+
+
+def serves_within(seconds, *args, **kw):
+    """An Exporter(*ARGS, **KW) that answered HTTP within SECONDS of its launch."""
+    exp, took = launch_to_serve(*args, **kw)
+    if took >= seconds:
+        exp.stop()
+        raise AssertionError("the exporter served %.1f s after its launch" % took)
     return exp
 
 
@@ -328,6 +345,7 @@ def leftovers_lines(exp):
 
 def test_other_users_huge_command_lines_do_not_delay_start_up(dirs, attacker):
     scripts, procfs = dirs
+    bound = start_up_bound(scripts, procfs)
     tok = "tok%s" % uuid.uuid4().hex[:12]
     # Module names of a live process (this one) cost most to look into.
     planted = attacker.run("python3", "-c", PLANT_HUGE_ARGV, "3", str(2 << 20), tok,
@@ -337,7 +355,7 @@ def test_other_users_huge_command_lines_do_not_delay_start_up(dirs, attacker):
     try:
         wait_for(lambda: all(len(cmdline(p)) > 1 << 20 for p in pids),
                  message="the planted command lines")
-        exp = serves_within(2.0, scripts, procfs)
+        exp = serves_within(bound, scripts, procfs)
         assert all(pid_alive(p) for p in pids)
         assert not leftovers_lines(exp), leftovers_lines(exp)
     finally:
@@ -351,8 +369,9 @@ def test_other_users_huge_command_lines_do_not_delay_start_up(dirs, attacker):
 def test_other_users_look_alike_files_do_not_delay_start_up(dirs, attacker, tmpdir_shared):
     scripts, procfs = dirs
     count = 100_000
+    bound = start_up_bound(scripts, procfs, env={"TMPDIR": tmpdir_shared})
     attacker.run("python3", "-c", PLANT_FILES, tmpdir_shared, str(count), str(NO_SUCH_PID))
-    exp = serves_within(2.0, scripts, procfs, env={"TMPDIR": tmpdir_shared})
+    exp = serves_within(bound, scripts, procfs, env={"TMPDIR": tmpdir_shared})
     try:
         lines = leftovers_lines(exp)
         assert len(lines) <= 13, "\n".join(lines)
