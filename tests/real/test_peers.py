@@ -161,7 +161,9 @@ def test_prometheus_scrapes_the_exporter(peer_exporter, tmp_path):
         v0 = float(first[0]["value"][1])
         wait_for(lambda: float(query(api, "fake_reads_total")[0]["value"][1]) > v0, timeout=20,
                  interval=0.5, message="fake_reads_total to increase in Prometheus")
-        assert query(api, 'stap_exporter_script_up{script="fake.stp"}')[0]["value"][1] == "1"
+        # The self job's last scrape may predate the script's start: wait for one after it.
+        wait_for(lambda: query(api, 'stap_exporter_script_up{script="fake.stp"}')[0]["value"][1]
+                 == "1", timeout=20, interval=0.5, message="stap_exporter_script_up to be 1")
         if exp.real:
             ticks = wait_for(lambda: query(api, "ticks_total"), timeout=30, interval=0.5)
             assert "cpu" in ticks[0]["metric"]
