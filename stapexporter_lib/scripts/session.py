@@ -216,6 +216,7 @@ class Session:
         self.ticket = 0              # the start's place in line for a slot
         self._proc: Optional[Process] = None
         self._workdir: Optional[str] = None
+        self._spawned = False  # the start under way has forked its first process
         self._watchdog: Optional[gevent.Greenlet] = None
         self._stop_requested = False
         self._wake = gevent.event.Event()
@@ -470,12 +471,13 @@ class Session:
             plan = self.config.plan
             driver = self._driver_reason or (plan.driver_reason if plan else "no loader plan")
             script_digest = build.digest(source)
-            look_up = not (st.st_mode & 0o111 or driver)
+            executable = bool(st.st_mode & 0o111)
+            look_up = not (executable or driver)
             workdir, kept = in_pool(self._stage, source, script_digest if look_up else None)
             self._workdir = workdir
             self._reader.annotator = Annotator(parse_declarations(
                 source.decode("utf-8", "replace"))) or None
-            if st.st_mode & 0o111:
+            if executable:
                 return self._run_whole(WRAPPER, [self._copy(workdir), "-m", self.script.module],
                                        workdir)
             if driver is not None:
@@ -515,20 +517,20 @@ class Session:
         """The script file's bytes and fstat, read once through trusted
         descriptors (``trust.read_script``): what the rest of the start
         digests, parses and runs.  A refusal ends the start REFUSED."""
-        try:
-            return in_pool(trust.read_script, self.script.path,
-                           not self.config.insecure_scripts)
-        except trust.Untrusted as exc:
-            refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
-        self._note_refusal(refusal)
-        self.backoff_until = None
-        if self.script.autostart and not self._stop_requested:
-            self.backoff_until = self.clock() + self._backoff.delay(0.0)
-        self._transition(REFUSED)
-        if self.backoff_until is not None and self._wait_retry():
-            self._transition(STARTING)
-            return self._read_source()
-        raise _StartEnded()
+        while True:
+            try:
+                return in_pool(trust.read_script, self.script.path,
+                               not self.config.insecure_scripts)
+            except trust.Untrusted as exc:
+                refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
+            self._note_refusal(refusal)
+            self.backoff_until = None
+            if self.script.autostart and not self._stop_requested:
+                self.backoff_until = self.clock() + self._backoff.delay(0.0)
+            self._transition(REFUSED)
+            if self.backoff_until is None or not self._wait_retry():
+                raise _StartEnded()
+            self._transition(STARTING)  # an autostart script's file is checked again
 
     def _stage(self, source: bytes, script_digest: Optional[str]):
         """(working directory, kept module or None), in the thread pool: a
@@ -741,7 +743,7 @@ class Session:
 
     def _wait_retry(self) -> bool:
         """Sleep until ``backoff_until``; False (and STOPPED) if a stop came
-        first.  Counts a backoff's restart."""
+        first."""
         while not self._stop_requested:
             remaining = (self.backoff_until or 0) - self.clock()
             if remaining <= 0:
