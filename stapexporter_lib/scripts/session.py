@@ -378,7 +378,7 @@ class Session:
         deadline = self.clock() + budget
         while True:
             path = self._reader.locate() if self.serving else self._reader.path
-            if path is not None and (self.state != STARTING or self._proc is not None):
+            if path is not None and (self.state != STARTING or self._output_expected):
                 try:
                     data = self._reader.read(max(0.0, deadline - self.clock()), self._proc)
                 except FileNotFoundError:
@@ -785,6 +785,13 @@ class Session:
             self._refusals_logged.add(message)
             log.warning("refused: script=%s %s", self.name, escape_line(message))
 
+    @property
+    def _output_expected(self) -> bool:
+        """Whether a process that writes the output runs: what the module
+        path holds during a compile is no output of this start (the spawn of
+        the loader clears what it can)."""
+        return self._proc is not None and self._proc.kind != COMPILE
+
     def _look_for_output(self) -> None:
         """STARTING (or REFUSED for its output) -> RUNNING once the output
         exists and may be trusted, or -> REFUSED when it may not."""
@@ -799,7 +806,7 @@ class Session:
     def _output_refused(self, message: str) -> None:
         """The running process's output is not trusted: REFUSED (the process
         runs on), MESSAGE shown and logged once."""
-        if self.state in (STARTING, RUNNING) and self._proc is not None:
+        if self.state in (STARTING, RUNNING) and self._output_expected:
             self._transition(REFUSED)
         self._note_refusal(message)
 

@@ -76,6 +76,29 @@ def planted(path, marker):
     return path
 
 
+def test_output_planted_before_a_start_is_not_looked_at_while_it_compiles(dirs, start, attacker,
+                                                                          shared, tmp_path):
+    """What an attacker planted at the module's path is not the output of a
+    start that is still compiling: requests meanwhile are told the script is
+    starting, and the refusal comes once the loader runs, then holds."""
+    scripts, _ = dirs
+    secret = Secret(tmp_path)
+    write_script(scripts, "slow.stp", "compile=1.5 never_write")
+    entry = os.path.join(shared, "systemtap-root")
+    attacker.run("mkdir", "-m", "0755", entry)
+    exp = start(entry)
+    target = os.path.join(entry, "target")
+    attacker.sh("mkdir %s && ln -s %s %s/__prometheus && ln -s %s %s"
+                % (target, secret.path, target, target, module_path(exp, entry, "slow.stp")))
+    r = exp.get("/slow.stp")
+    assert r.status == 503 and "is starting" in r.text, r.text
+    exp.get_until("/slow.stp", 502)
+    exp.wait_log(r"event=refused script=slow\.stp ")
+    events = [l for l in exp.log_lines if re.search(r"event=(compiled|refused) script=slow\.stp ", l)]
+    assert "event=compiled" in events[0], events  # refused only once the loader ran
+    assert_refused_once(exp, "slow.stp")
+
+
 def test_attacker_owned_output_directory(dirs, start, attacker, shared, tmp_path):
     """An unprivileged user creates the runtime's output
     directory first, then swaps module directories for their own."""
