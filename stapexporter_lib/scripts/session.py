@@ -864,8 +864,10 @@ class Session:
             if event == OUTPUT:
                 self._take_over(new)
             elif event == EXIT:
-                self._edit_failed("the new version failed (%s)"
-                                  % describe_exit(new.proc.returncode), new.tail)
+                proc = new.proc
+                self._end_process(new)  # its last lines of standard error are in
+                self._edit_failed("the new version failed (%s)" % describe_exit(proc.returncode),
+                                  new.tail)
         except _StartEnded:
             pass  # a stop: the serving wait sees it
         except _SpawnFailed as exc:

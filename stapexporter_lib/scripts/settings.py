@@ -52,9 +52,9 @@ def parse(source: bytes) -> Settings:
                 raise SettingsError("unknown setting %s (known: %s)"
                                     % (_shown(key), ", ".join(KEYS)))
             if not eq or not value:
-                raise SettingsError("%s has no value (write %s=VALUE)" % (key, key))
+                raise SettingsError("setting %s has no value (write %s=VALUE)" % (key, key))
             if key in given:
-                raise SettingsError("%s is set twice" % key)
+                raise SettingsError("setting %s is given twice" % key)
             given[key] = value
     return Settings(
         keepalive=_take(given, "keepalive", _keepalive),
@@ -82,7 +82,7 @@ def _take(given: Dict[str, str], key: str, convert):
     try:
         return convert(value)
     except ValueError as exc:
-        raise SettingsError("%s=%s: expected %s" % (key, _shown(value), exc)) from None
+        raise SettingsError("setting %s=%s: expected %s" % (key, _shown(value), exc)) from None
 
 
 def _seconds(value: str) -> float:
