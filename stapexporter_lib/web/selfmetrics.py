@@ -154,7 +154,7 @@ class SelfMetrics:
         self.scrape_errors = Counter(
             "stap_exporter_scrape_errors",
             "Requests for a script that got no metrics, by reason: not_ready, failed,"
-            " unavailable, invalid, busy, untrusted_output, untrusted_script.",
+            " unavailable, invalid, busy, untrusted_output, untrusted_script, bad_settings.",
             ["script", "reason"], registry=self.registry)
         self.start_duration = Histogram(
             "stap_exporter_script_start_duration_seconds",
