@@ -11,6 +11,7 @@ import signal
 import sys
 
 import gevent
+import gevent.event
 import pytest
 
 from conftest import ROOT
@@ -87,6 +88,33 @@ def test_an_edit_takes_over_once_its_output_appears_and_the_old_run_stops(world)
     # The next edit runs under the first name again, beside the second.
     newer = candidate(world, s)
     assert newer.argv[2] == s.script.module
+
+
+@pytest.mark.parametrize("read_ends", ["with data", "with an error"])
+def test_the_old_version_stops_only_once_the_read_under_way_is_done(world, read_ends):
+    """A read of the old version's output under way as the new one takes
+    over is answered: the old version is stopped once it is done; a read
+    that fails as the old version goes is made again from the new one."""
+    make, vt, fake, procfs_dir = world
+    s, old = running(world)
+    gate = gevent.event.AsyncResult()
+    s._run.reader._read = lambda path, timeout, max_bytes, clock: gate.get()
+    scrape = gevent.spawn(s.scrape, 5)
+    settle(lambda: s._run.reader.in_flight is not None, "the read under way")
+    new = candidate(world, s)
+    write_output(procfs_dir, naming.version_module(s.script.module, 1), b"new 1\n")
+    vt.advance(0.2)
+    settle(lambda: s.pid == new.pid, "the new version to take over")
+    gevent.sleep(0.05)
+    assert old.returncode is None and not fake.signals  # the read is not cut short
+    if read_ends == "with data":
+        gate.set(b"old 1\n")
+        assert scrape.get(timeout=SETTLE).body == b"old 1\n"
+    else:
+        gate.set_exception(output.OutputError("the script exited while writing its output"))
+        assert scrape.get(timeout=SETTLE).body == b"new 1\n"
+    settle(lambda: s.exits["stopped"] == 1, "the old version to stop")
+    assert fake.leader_signals == [(old.pid, signal.SIGTERM)]
 
 
 def test_a_touched_file_with_the_same_content_starts_nothing(world):
