@@ -6,53 +6,18 @@ and their refusal.  Every wait is on a condition with a deadline."""
 
 import os
 import re
-import threading
 import time
 
 import pytest
 
-from conftest import pid_alive, wait_for, write_script
+from conftest import Scraper, pid_alive, wait_for, write_script
 
 BODY = ('global n\nprobe timer.s(1) { n++ }\n'
         'probe prometheus { @prometheus_dump_array0(n, "n") }\n')
 # What fakestap's output holds with lines=4 and not with the default 3.
 FOURTH_LINE = b'fake_line{script="live.stp",n="3"} 3'
-SCRAPE_INTERVAL = 0.02
 # An edit's new output is served within this many seconds of the write.
 TAKE_OVER = 3.0
-
-
-class Scraper:
-    """A client that GETs PATH every 20 ms in a thread, as a tight
-    Prometheus would; every answer is kept as (monotonic time, status or
-    the exception, body)."""
-
-    def __init__(self, exporter, path):
-        self.answers = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(exporter, path), daemon=True)
-        self._thread.start()
-        wait_for(lambda: len(self.answers) >= 5, message="the first scrapes")
-
-    def _run(self, exporter, path):
-        while not self._stop.is_set():
-            try:
-                r = exporter.get(path, timeout=10)
-                self.answers.append((time.monotonic(), r.status, r.body))
-            except Exception as exc:  # noqa: BLE001 -- kept and reported as a failure
-                self.answers.append((time.monotonic(), repr(exc), b""))
-            self._stop.wait(SCRAPE_INTERVAL)
-
-    def first(self, needle):
-        """When an answer first held NEEDLE, or None."""
-        return next((t for t, _status, body in self.answers if needle in body), None)
-
-    def finish(self):
-        """Stop; every answer that was not a 200."""
-        self._stop.set()
-        self._thread.join(15)
-        assert not self._thread.is_alive()
-        return [(status, body[:300]) for _t, status, body in self.answers if status != 200]
 
 
 def replace(path, old, new, rename=True):
