@@ -251,7 +251,7 @@ class Session:
         self.requests_in_flight = 0  # scrapes under way: the script is not idle meanwhile
         self.queued = False          # the start waits for a --max-starting slot
         self.ticket = 0              # the start's place in line for a slot
-        self.settings = Settings()   # the file's, as the running version (or the last read) has them
+        self.settings = Settings()   # the file's: the running version's, or as last read
         self.settings_error: Optional[str] = None  # why the file's settings refuse it
         self.version = 0             # edits that took over
         self.edit_error: Optional[str] = None  # why the last edit did not take over
