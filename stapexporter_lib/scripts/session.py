@@ -436,18 +436,21 @@ class Session:
         if self.live:
             return  # a start read it meanwhile: its reading counts
         self._file_id = file_identity(st)
-        self._take_settings(source)
+        self.settings = self._parse_settings(source) or self.settings
         if self.settings_error:
             self._note_refusal(self.settings_error)
         self.script_refusal()  # REFUSED while the setting is wrong, STOPPED once fixed
 
-    def _take_settings(self, source: bytes) -> None:
-        """The settings of SOURCE, the file's bytes, or why they refuse it."""
+    def _parse_settings(self, source: bytes) -> Optional[Settings]:
+        """The settings of SOURCE, the file's bytes; None when they refuse
+        it (``settings_error`` says why)."""
         try:
-            self.settings = parse_settings(source)
-            self.settings_error = None
+            own = parse_settings(source)
         except SettingsError as exc:
             self.settings_error = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
+            return None
+        self.settings_error = None
+        return own
 
     # -- the answer to a request ------------------------------------------
 
@@ -664,10 +667,11 @@ class Session:
             refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
         else:
             self._file_id = file_identity(st)
-            self._take_settings(source)
-            refusal = self.settings_error
-            if refusal is None:
+            own = self._parse_settings(source)
+            if own is not None:
+                self.settings = own
                 return source, st
+            refusal = self.settings_error
         self._note_refusal(refusal)
         self.backoff_until = None
         if self.autostart and not self._stop_requested:
@@ -850,8 +854,8 @@ class Session:
         self._file_id = file_identity(st)
         if build.digest(source) == self._run.digest:
             return  # touched, not changed
-        self._take_settings(source)
-        if self.settings_error:
+        own = self._parse_settings(source)
+        if own is None:
             return self._edit_failed(self.settings_error)
         new = self._next = _Run(self.name, naming.version_module(self.script.module,
                                                                  self.version + 1),
@@ -862,7 +866,7 @@ class Session:
         try:
             event = self._launch(new, source, st)
             if event == OUTPUT:
-                self._take_over(new)
+                self._take_over(new, own)
             elif event == EXIT:
                 proc = new.proc
                 self._end_process(new)  # its last lines of standard error are in
@@ -881,11 +885,12 @@ class Session:
                     new.proc.terminate(self.config.stop_grace)
                 self._finish_run(new)
 
-    def _take_over(self, new: _Run) -> None:
-        """NEW's output appeared: it serves from now on, and the version it
-        replaces stops (its ``probe end`` runs) once the reads of it under
-        way are done."""
+    def _take_over(self, new: _Run, own: Settings) -> None:
+        """NEW's output appeared: it serves from now on, with its settings
+        OWN, and the version it replaces stops (its ``probe end`` runs) once
+        the reads of it under way are done."""
         old, self._run = self._run, new
+        self.settings = own
         self.version += 1
         self.started_at, self.first_output_at = new.began, self.clock()
         self.starts += 1

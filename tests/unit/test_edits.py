@@ -118,6 +118,24 @@ def test_the_old_version_stops_only_once_the_read_under_way_is_done(world, read_
     assert fake.leader_signals == [(old.pid, signal.SIGTERM)]
 
 
+def test_an_edits_settings_apply_once_it_takes_over(world):
+    make, vt, fake, procfs_dir = world
+    s, old = running(world)
+    count = len(fake.procs)
+    edit(s, "# stap-exporter: scrape-timeout=7\n" + BODY)
+    new = spawned(fake, count + 1)
+    assert s.settings.scrape_timeout is None  # the running version's
+    new.exit(1)
+    settle(lambda: s.edit_failures == 1, "the failed edit")
+    assert s.settings.scrape_timeout is None
+    edit(s, "# stap-exporter: scrape-timeout=8\n" + BODY)
+    spawned(fake, count + 2)
+    write_output(procfs_dir, naming.version_module(s.script.module, 1), b"new 1\n")
+    vt.advance(0.2)
+    settle(lambda: s.version == 1, "the take-over")
+    assert s.settings.scrape_timeout == 8
+
+
 def test_a_touched_file_with_the_same_content_starts_nothing(world):
     fake = world[2]
     s, _ = running(world)
