@@ -146,6 +146,8 @@ class Manager:
             if script.name not in self.sessions:
                 self.sessions[script.name] = self._new_session(script)
         sessions = list(self.sessions.values())
+        if not sessions:
+            return
         identities = in_pool(_identities, [s.script.path for s in sessions])
         for session, identity in zip(sessions, identities):
             if session.file_changed(identity) and not session.live:
