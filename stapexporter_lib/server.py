@@ -23,6 +23,7 @@ from gevent import socket as gsocket
 
 from . import __version__, cli
 from .logs import AccessLog, setup_logging
+from .offhub import in_pool
 from .scripts import output
 from .scripts.build import ModuleCache, Plan
 from .scripts.catalog import Catalog
@@ -195,21 +196,49 @@ class Exporter:
                  __version__, show_address(*listener.getsockname()[:2]), self.catalog.directory,
                  ", ".join(self.catalog.names()) or "none")
         if self.web is not None:
-            log.info("web-config: %s: TLS %s, basic auth %s", self.config.web_config,
-                     "on" if self.web.ssl_context else "off",
-                     "on (%d users)" % len(self.web.users) if self.web.auth_required else "off")
-            for note in self.web.notes:
-                log.info("web-config: %s", note)
+            self._log_web_config("")
         self._stopping.wait()
         return self._shutdown()
+
+    def _log_web_config(self, how: str) -> None:
+        log.info("web-config: %s: %sTLS %s, basic auth %s", self.config.web_config, how,
+                 "on" if self.web.ssl_context else "off",
+                 "on (%d users)" % len(self.web.users) if self.web.auth_required else "off")
+        for note in self.web.notes:
+            log.info("web-config: %s", note)
+
+    def _reload_web_config(self) -> None:
+        """Read --web-config again (SIGHUP): new certificates and users serve
+        new connections and requests; a file that is not valid changes
+        nothing."""
+        from .web import basicauth, webconfig
+        try:
+            web = in_pool(webconfig.load, self.config.web_config)
+        except webconfig.WebConfigError as exc:
+            log.error("web-config: %s; not reloaded, the running configuration stays", exc)
+            return
+        if (web.ssl_context is None) != (self.web.ssl_context is None):
+            log.error("web-config: %s: turning TLS %s needs a restart; not reloaded, the"
+                      " running configuration stays", self.config.web_config,
+                      "on" if web.ssl_context else "off")
+            return
+        self._tls_args = webconfig.wrap_socket_args(web)
+        if web.ssl_context is not None and self.server is not None:
+            self.server.use_ssl_context(web.ssl_context)
+        self.app.auth = basicauth.BasicAuth(web.users) if web.auth_required else None
+        self.web = web
+        self._log_web_config("reloaded: ")
 
     def _on_stop_signal(self, name: str) -> None:
         log.info("signal: %s received, shutting down", name)
         self._stopping.set()
 
     def _on_hup(self) -> None:
-        log.info("signal: SIGHUP received, rescanning %s", self.catalog.directory)
+        log.info("signal: SIGHUP received, rescanning %s%s", self.catalog.directory,
+                 " and reading %s again" % self.config.web_config if self.web else "")
         gevent.spawn(self.manager.rescan)
+        if self.web is not None:
+            gevent.spawn(self._reload_web_config)
 
     def _shutdown(self) -> int:
         # Stop accepting and close idle connections first, then stop the

@@ -8,7 +8,7 @@ these without pulling in anything else.
     STARTING/RUNNING --keepalive/shutdown--> STOPPING --exit--> STOPPED
     BACKOFF --delay elapsed--> STARTING
     FAILED --error reported / next request--> STOPPED --start--> ...
-    STOPPED/FAILED/STARTING --script file not trusted--> REFUSED (no process)
+    STOPPED/FAILED/STARTING --file not trusted, wrong setting--> REFUSED (no process)
     STARTING/RUNNING --output not trusted--> REFUSED (the process runs on)
     REFUSED --file fixed--> STOPPED (on-demand) | STARTING (request, autostart timer)
     REFUSED --output trusted again--> RUNNING
@@ -29,7 +29,7 @@ RUNNING = "running"    # process up and its output exists
 STOPPING = "stopping"  # SIGTERM sent, waiting for the process group to go
 BACKOFF = "backoff"    # autostart script exited; waiting to restart it
 FAILED = "failed"      # exited on its own; the error is kept for a 502
-REFUSED = "refused"    # a trust check refused its file or its output
+REFUSED = "refused"    # its file (untrusted, a wrong setting) or its output was refused
 
 # Every state, in the order the documentation and the metrics list them.
 ALL_STATES = (STOPPED, STARTING, RUNNING, STOPPING, BACKOFF, FAILED, REFUSED)

@@ -253,6 +253,41 @@ class Exporter:
         return self.proc.returncode
 
 
+class Scraper:
+    """A client that GETs PATH from EXPORTER every 20 ms in a thread, as a
+    tight Prometheus would; every answer is kept as (monotonic time, status
+    or the exception, body)."""
+
+    INTERVAL = 0.02
+
+    def __init__(self, exporter, path):
+        self.answers = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(exporter, path), daemon=True)
+        self._thread.start()
+        wait_for(lambda: len(self.answers) >= 5, message="the first scrapes")
+
+    def _run(self, exporter, path):
+        while not self._stop.is_set():
+            try:
+                r = exporter.get(path, timeout=10)
+                self.answers.append((time.monotonic(), r.status, r.body))
+            except Exception as exc:  # noqa: BLE001 -- kept and reported as a failure
+                self.answers.append((time.monotonic(), repr(exc), b""))
+            self._stop.wait(self.INTERVAL)
+
+    def first(self, needle):
+        """When an answer first held NEEDLE, or None."""
+        return next((t for t, _status, body in self.answers if needle in body), None)
+
+    def finish(self):
+        """Stop; every answer that was not a 200."""
+        self._stop.set()
+        self._thread.join(15)
+        assert not self._thread.is_alive()
+        return [(status, body[:300]) for _t, status, body in self.answers if status != 200]
+
+
 def private_copy(path, name):
     """True if PATH is the exporter's private copy of the script NAME: the
     file in a start's own working directory (what is compiled and run, so

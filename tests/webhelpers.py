@@ -12,7 +12,12 @@ import pytest
 
 @pytest.fixture
 def tls_files(tmp_path):
-    key, crt = tmp_path / "server.key", tmp_path / "server.crt"
+    return make_tls_files(tmp_path)
+
+
+def make_tls_files(directory, stem="server"):
+    """(key, self-signed certificate for 127.0.0.1) made in DIRECTORY."""
+    key, crt = directory / (stem + ".key"), directory / (stem + ".crt")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",

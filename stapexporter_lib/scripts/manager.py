@@ -2,24 +2,29 @@
 
 The manager owns the sessions by name, the caps on starts (--max-scripts
 here, --max-starting through the sessions' shared ``StartSlots``),
-autostarts, rescans and the order of shutdown.
+autostarts, rescans, the look at the script files once a second (a running
+script's edit, another's settings) and the order of shutdown.
 """
 
 import logging
+import os
 import time
 from typing import Callable, Dict, List, Optional
 
 import gevent
 
 from .. import trust
-from .catalog import Catalog
-from .session import Session, SessionConfig, StartSlots
+from ..offhub import in_pool
+from .catalog import Catalog, Script
+from .session import Session, SessionConfig, StartSlots, file_identity
 
 log = logging.getLogger("stap-exporter")
 
 # How much longer than the sessions' own stop budget a shutdown waits for the
 # stopping greenlets to finish.
 SHUTDOWN_MARGIN = 1.0
+# How often the script files are looked at (an edit is noticed within this).
+WATCH_INTERVAL = 1.0
 
 
 class Manager:
@@ -36,15 +41,19 @@ class Manager:
         self.start_slots = StartSlots(max_starting)
         self.clock = clock
         self._factory = session_factory
+        self._watcher: Optional[gevent.Greenlet] = None
 
     def start(self) -> None:
-        """Scan the directory and start every autostart script."""
+        """Scan the directory, read every script's settings, start every
+        autostart script, and look at the files once a second from now on."""
         self.warn_untrusted_procfs_dirs()
         if self.config.insecure_scripts:
             log.warning("insecure: --insecure-scripts: scripts in %s run as this user even if"
                         " others can write them", self.catalog.directory)
         self.catalog.rescan()
+        self.look_at_files()
         self._start_autostarts()
+        self._watcher = gevent.spawn(self._watch_files)
 
     def warn_untrusted_procfs_dirs(self) -> None:
         """Say at start-up which --procfs-dirs entries are not trusted: every
@@ -75,10 +84,12 @@ class Manager:
             self.sessions.pop(name, None)
             return None
         if session is None or session.script is not script:
-            session = self.sessions[name] = self._factory(script, self.config, clock=self.clock,
-                                                          admit=self._admit,
-                                                          start_slots=self.start_slots)
+            session = self.sessions[name] = self._new_session(script)
         return session
+
+    def _new_session(self, script: Script) -> Session:
+        return self._factory(script, self.config, clock=self.clock, admit=self._admit,
+                             start_slots=self.start_slots)
 
     def _admit(self, session: Session) -> Optional[str]:
         """None if a request may start SESSION now, else the reason why not.
@@ -114,9 +125,36 @@ class Manager:
             session = self.sessions.get(name)
             if session is None or not session.live:
                 self.sessions.pop(name, None)
-            elif session.script.autostart:
+            elif session.autostart:
                 gevent.spawn(self._stop_and_forget, name, session)
+        self.look_at_files()
         self._start_autostarts()
+
+    def _watch_files(self) -> None:
+        while True:
+            gevent.sleep(WATCH_INTERVAL)
+            try:
+                self.look_at_files()
+            except Exception:  # noqa: BLE001 -- loop boundary: log and look again
+                log.exception("watch: looking at the script files failed")
+
+    def look_at_files(self) -> None:
+        """Look at every script file (metadata, in the thread pool): a
+        running script whose file changed tries its new version; another
+        one's settings are read again, and it starts if it now autostarts."""
+        for script in self.catalog.scripts():
+            if script.name not in self.sessions:
+                self.sessions[script.name] = self._new_session(script)
+        sessions = list(self.sessions.values())
+        if not sessions:
+            return
+        identities = in_pool(_identities, [s.script.path for s in sessions])
+        for session, identity in zip(sessions, identities):
+            if session.file_changed(identity) and not session.live:
+                session.read_settings(identity)
+                if session.autostart and not self.shutting_down:
+                    log.info("autostart: script=%s", session.name)
+                    session.start()
 
     def _stop_and_forget(self, name: str, session: Session) -> None:
         session.stop()
@@ -127,15 +165,16 @@ class Manager:
         if self.shutting_down:
             return
         for script in self.catalog.scripts():
-            if script.autostart:
-                session = self.get(script.name)
-                if session is not None and not session.live:
-                    log.info("autostart: script=%s", script.name)
-                    session.start()
+            session = self.get(script.name)
+            if session is not None and session.autostart and not session.live:
+                log.info("autostart: script=%s", script.name)
+                session.start()
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Stop every script at once and wait; True if all stopped in time."""
         self.shutting_down = True
+        if self._watcher is not None:
+            self._watcher.kill()
         live = [s for s in self.sessions.values() if s.live]
         if not live:
             return True
@@ -147,3 +186,15 @@ class Manager:
         if left:
             log.error("shutdown: scripts still running after %g s: %s", budget, ", ".join(left))
         return not left
+
+
+def _identities(paths: List[str]) -> List[Optional[tuple]]:
+    """``file_identity`` of each file (its final target), None where it
+    cannot be had."""
+    found = []
+    for path in paths:
+        try:
+            found.append(file_identity(os.stat(path)))
+        except OSError:
+            found.append(None)
+    return found

@@ -20,6 +20,9 @@ SCRIPT_SUFFIX = ".stp"
 MODULE_PREFIX = "stapexp_"
 # The longest module name we make (the kernel and systemtap limit them).
 MODULE_MAX = 55
+# A script's own module name leaves room for the mark of its edited
+# versions' name (``version_module``).
+_OWN_MAX = MODULE_MAX - 1
 
 # Module names of ours: prefix, owning exporter's pid, script slug.
 MODULE_RE = re.compile(r"^" + MODULE_PREFIX + r"([0-9]+)_[a-z0-9_]+$")
@@ -34,7 +37,7 @@ KERNEL_ROOT = "/proc"
 
 
 def module_name(script_name: str, pid: int, used: Set[str]) -> str:
-    """A valid (``[a-z0-9_]``, at most MODULE_MAX), readable module name for
+    """A valid (``[a-z0-9_]``, at most _OWN_MAX), readable module name for
     SCRIPT_NAME of exporter PID that is not in USED.  When the slug had to be
     altered or shortened, or is taken, a checksum of the exact file name tells
     such names apart."""
@@ -42,17 +45,29 @@ def module_name(script_name: str, pid: int, used: Set[str]) -> str:
     slug = re.sub(r"[^a-z0-9_]+", "_", base.lower()).strip("_") or "script"
     head = "%s%d_" % (MODULE_PREFIX, pid)
     module = head + slug
-    if slug == base and len(module) <= MODULE_MAX and module not in used:
+    if slug == base and len(module) <= _OWN_MAX and module not in used:
         return module
     salt = 0
     while True:
         digest = "%08x" % zlib.crc32(("%s\0%d" % (script_name, salt))
                                      .encode("utf-8", "surrogateescape"))
-        room = MODULE_MAX - len(head) - len(digest) - 1
+        room = _OWN_MAX - len(head) - len(digest) - 1
         module = "%s%s_%s" % (head, slug[:room].rstrip("_") or "s", digest)
         if module not in used:
             return module
         salt += 1
+
+
+def version_module(module: str, version: int) -> str:
+    """The module name VERSION of a script runs as, MODULE being its own:
+    versions take turns between two names, so that an edited version starts
+    beside the running one under a name of its own.  The second name has a
+    second underscore after the pid, which no slug starts with: it is no
+    other script's name, and the start-up sweep knows it as ours."""
+    if version % 2 == 0:
+        return module
+    head, _, slug = module[len(MODULE_PREFIX):].partition("_")
+    return "%s%s__%s" % (MODULE_PREFIX, head, slug)
 
 
 def workdir_prefix(pid: int, module: str) -> str:

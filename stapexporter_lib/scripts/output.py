@@ -317,6 +317,11 @@ class OutputReader:
         self.read_this_run = False
         self._utf8_warned = False
 
+    @property
+    def in_flight(self) -> Optional[gevent.event.AsyncResult]:
+        """The read under way (ready once it is done), or None."""
+        return self._flight
+
     def locate(self) -> Optional[str]:
         """The output's path, looked up while unknown; None if none yet."""
         if self.path is None:

@@ -10,7 +10,11 @@ loaded, or the copy is compiled (``stap -p4``) and its module loaded (a
 an executable script (or a script the loader cannot run alone) runs as it
 is; then the session serves until the process exits, the keepalive passes
 without requests, or a stop is asked for; an autostart script that exits is
-restarted after a backoff.
+restarted after a backoff.  While it serves, an edit of the file starts the
+new version beside the running one, the same way, under a module name of its
+own; once the new version's output appears it takes over and the old one
+stops (``_try_edit``).  The file's own settings (``settings.py``) override
+the command line's.
 
 Requests get an ``Outcome``, never HTTP (``web/app.py`` maps outcomes to
 status codes).  The clock, the waits, the process launcher and the signals
@@ -23,6 +27,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import signal
 import stat
@@ -43,6 +48,8 @@ from . import build, naming, output
 from .catalog import Script
 from .declarations import Annotator, parse_declarations
 from .process import Process, Seams, Waiter, remove_module_dirs, rmtree, stop_budget, wait_any
+from .settings import Settings, SettingsError, describe as describe_settings, \
+    parse as parse_settings
 
 log = logging.getLogger("stap-exporter")
 
@@ -82,14 +89,19 @@ OUTPUT_POLL_INTERVAL = 0.2
 SCRIPT_REFUSAL = "refused to run "
 MAX_REFUSALS_REMEMBERED = 64
 
+# How long a version that was taken over keeps serving the reads under way
+# before it is stopped.
+READS_DRAIN = 5.0
+
 # The kinds of process a start runs (the log's run= field).
 WRAPPER = "wrapper"   # an executable script, as it is
 DRIVER = "driver"     # STAP -m MODULE FILE
 COMPILE = "compile"   # STAP -p4 -m MODULE FILE
 LOAD = "load"         # the loader alone, on the compiled module
 
-# Why a wait ended.
-EXIT, STOP, IDLE, OUTPUT = "exit", "stop", "idle", "output"
+# Why a wait ended.  ENDED: the running version exited while an edit's
+# version started beside it.
+EXIT, STOP, IDLE, OUTPUT, EDITED, ENDED = "exit", "stop", "idle", "output", "edited", "ended"
 
 
 class SessionConfig(NamedTuple):
@@ -119,6 +131,7 @@ class Outcome:
     # Refusals (trust.py): MESSAGE names the path and the reason.
     UNTRUSTED = "untrusted_output"  # the output path is not trusted: nothing read
     FORBIDDEN = "untrusted_script"  # the script file is not trusted: not started
+    BAD_SETTINGS = "bad_settings"   # a setting in the file is wrong: not started
 
     __slots__ = ("kind", "body", "message", "retry_after")
 
@@ -177,12 +190,44 @@ def output_poll_interval(since_spawn: float) -> float:
     return min(OUTPUT_POLL_INTERVAL, max(OUTPUT_POLL_FIRST, since_spawn / 4))
 
 
+def file_identity(st: os.stat_result) -> tuple:
+    """What tells one version of a file from the next: the inode (a rename
+    into place is a new one), the size and the change times."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class _StartEnded(Exception):
-    """A start ends before its script runs; the state is already set."""
+    """A start ends before its script runs: it was refused (the state is
+    set), or a stop was asked for."""
 
 
 class _SpawnFailed(Exception):
     """A process of a start could not be forked (the message says why)."""
+
+
+class _Run:
+    """One version of the script as a start runs it: the module name it runs
+    as, its private working directory, the process of the moment (a compile,
+    then the loader) and its output."""
+
+    def __init__(self, name: str, module: str, config: SessionConfig,
+                 clock: Callable[[], float]):
+        self.module = module
+        self.reader = output.OutputReader(name, module, config.procfs_dirs, config.max_output,
+                                          clock)
+        self.tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL)  # its standard error
+        self.workdir: Optional[str] = None
+        self.proc: Optional[Process] = None
+        self.produced = False               # its output has appeared (and was trusted)
+        self.began: Optional[float] = None  # clock() as its first process was spawned
+        self.digest: Optional[str] = None   # of the bytes it runs
+
+    @property
+    def output_expected(self) -> bool:
+        """Whether a process that writes the output runs: what the module
+        path holds during a compile is no output of this start (the spawn of
+        the loader clears what it can)."""
+        return self.proc is not None and self.proc.kind != COMPILE
 
 
 class Session:
@@ -209,22 +254,25 @@ class Session:
         self.starts = 0
         self.restarts = 0
         self.exits = collections.Counter()  # outcome -> count
-        self.stderr_tail: Deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.last_request = clock()
         self.requests_in_flight = 0  # scrapes under way: the script is not idle meanwhile
         self.queued = False          # the start waits for a --max-starting slot
         self.ticket = 0              # the start's place in line for a slot
-        self._proc: Optional[Process] = None
-        self._workdir: Optional[str] = None
-        self._spawned = False  # the start under way has forked its first process
+        self.settings = Settings()   # the file's: the running version's, or as last read
+        self.settings_error: Optional[str] = None  # why the file's settings refuse it
+        self.version = 0             # edits that took over
+        self.edit_error: Optional[str] = None  # why the last edit did not take over
+        self.edit_stderr: List[str] = []       # and its last lines of standard error
+        self.edit_failures = 0
+        self._run = _Run(script.name, script.module, config, clock)
+        self._next: Optional[_Run] = None  # an edit's version while it starts beside _run
+        self._file_id: Optional[tuple] = None  # the file as last read (file_identity)
+        self._edited = False         # it changed since: a running script tries the new version
         self._watchdog: Optional[gevent.Greenlet] = None
         self._stop_requested = False
         self._wake = gevent.event.Event()
         self._changed = gevent.event.Event()
         self._backoff = Backoff()
-        self._reader = output.OutputReader(script.name, script.module, config.procfs_dirs,
-                                           config.max_output, clock)
-        self._produced = False         # this run's output has appeared (and was trusted)
         self._refusals_logged = set()  # trust refusals logged (once per cause)
         self._driver_reason: Optional[str] = None  # why this script now runs the driver way
 
@@ -236,22 +284,57 @@ class Session:
 
     @property
     def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc is not None else None
+        return self._run.proc.pid if self._run.proc is not None else None
+
+    @property
+    def module(self) -> str:
+        """The module name the current version runs as."""
+        return self._run.module
+
+    @property
+    def stderr_tail(self) -> Deque[str]:
+        """The current version's last lines of standard error."""
+        return self._run.tail
 
     @property
     def last_output_bytes(self) -> int:
-        return self._reader.last_output_bytes
+        return self._run.reader.last_output_bytes
 
     @property
     def output_read(self) -> bool:
         """True once the current run's output has been read."""
-        return self._reader.read_this_run
+        return self._run.reader.read_this_run
 
     @property
     def serving(self) -> bool:
         """True while a process runs whose output a request may be answered
         from (a refused output is checked again)."""
-        return self.state in SERVING_STATES and (self.state != REFUSED or self._proc is not None)
+        return self.state in SERVING_STATES and (self.state != REFUSED
+                                                 or self._run.proc is not None)
+
+    @property
+    def autostart(self) -> bool:
+        """Started with the exporter and restarted when it exits: as the
+        file sets it, else when the name contains ``autostart``."""
+        own = self.settings.autostart
+        return self.script.autostart if own is None else own
+
+    @property
+    def keepalive(self) -> Optional[float]:
+        """Seconds without requests after which the script stops (None:
+        never): as the file sets it, else --keepalive, which autostart
+        scripts are exempt from."""
+        own = self.settings.keepalive
+        if own is not None:
+            return None if own == math.inf else own
+        return None if self.autostart else self.config.keepalive
+
+    def settings_text(self, scrape_timeout: float) -> str:
+        """The settings in effect, as a file would write them; SCRAPE_TIMEOUT
+        is --scrape-timeout."""
+        own = self.settings
+        return describe_settings(self.keepalive, self.autostart,
+                                 own.scrape_timeout or scrape_timeout, own.max_series)
 
     @property
     def live(self) -> bool:
@@ -259,21 +342,22 @@ class Session:
         return self._watchdog is not None
 
     def uptime(self) -> Optional[float]:
-        if self.serving and self._proc is not None and self.started_at is not None:
+        if self.serving and self._run.proc is not None and self.started_at is not None:
             return self.clock() - self.started_at
         return None
 
     def retry_in(self) -> Optional[float]:
         """Seconds until the watchdog restarts the script (backoff) or checks
         its refused file again (autostart); None when it does not wait."""
-        if self.state in (BACKOFF, REFUSED) and self._proc is None and self.live \
+        if self.state in (BACKOFF, REFUSED) and self._run.proc is None and self.live \
                 and self.backoff_until is not None:
             return max(0.0, self.backoff_until - self.clock())
         return None
 
     def stop_budget(self) -> float:
-        """The longest a stop can take (``process.stop_budget``)."""
-        return stop_budget(self.config.stop_grace)
+        """The longest a stop can take (``process.stop_budget``; twice that
+        while an edit's version starts: it stops first)."""
+        return stop_budget(self.config.stop_grace) * (2 if self._next is not None else 1)
 
     # -- control ---------------------------------------------------------------
 
@@ -309,15 +393,17 @@ class Session:
         self._wake.set()
 
     def script_refusal(self) -> Optional[str]:
-        """None if the script file may run as root now, else why not.  Shown
-        as the last error while it lasts; a session without a process turns
-        REFUSED while it lasts and STOPPED once fixed."""
-        if self.config.insecure_scripts:
-            return None
-        refusal = trust.script_refusal(self.script.path)
+        """None if the script file may run as root now and its settings are
+        right, else why not.  Shown as the last error while it lasts; a
+        session without a process turns REFUSED while it lasts and STOPPED
+        once fixed."""
+        refusal = None
+        if not self.config.insecure_scripts:
+            refusal = trust.script_refusal(self.script.path)
+            refusal = refusal and "%s%s: %s" % (SCRIPT_REFUSAL, self.name, refusal)
+        refusal = refusal or self.settings_error
         idle = not self.live
         if refusal:
-            refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, refusal)
             self.last_error = refusal
             if idle and self.state in (STOPPED, FAILED):
                 self._transition(REFUSED)
@@ -327,6 +413,51 @@ class Session:
         if idle and self.state == REFUSED:
             self._transition(STOPPED)
         return None
+
+    def file_changed(self, identity: Optional[tuple]) -> bool:
+        """The manager looked at the file: IDENTITY (``file_identity``, None
+        when it could not).  True if it changed since it was last read; a
+        running script then tries its new version, an autostart script
+        waiting to check its refused file again checks it now."""
+        if identity is None or identity == self._file_id:
+            return False
+        if self.live and not self._edited:
+            self._edited = True
+            if self.state == REFUSED and self._run.proc is None:
+                self.retry_now()
+            else:
+                self._wake.set()
+        return True
+
+    def read_settings(self, identity: tuple) -> None:
+        """Read the settings of the file of a script that does not run (the
+        manager does, when it changed): for the index page, autostart, and
+        the refusal of a wrong setting.  IDENTITY: the file as the manager
+        saw it."""
+        try:
+            source, st = in_pool(trust.read_script, self.script.path,
+                                 not self.config.insecure_scripts)
+        except (trust.Untrusted, OSError):
+            self._file_id = identity  # script_refusal() says why, when asked
+            return
+        if self.live:
+            return  # a start read it meanwhile: its reading counts
+        self._file_id = file_identity(st)
+        self.settings = self._parse_settings(source) or self.settings
+        if self.settings_error:
+            self._note_refusal(self.settings_error)
+        self.script_refusal()  # REFUSED while the setting is wrong, STOPPED once fixed
+
+    def _parse_settings(self, source: bytes) -> Optional[Settings]:
+        """The settings of SOURCE, the file's bytes; None when they refuse
+        it (``settings_error`` says why)."""
+        try:
+            own = parse_settings(source)
+        except SettingsError as exc:
+            self.settings_error = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
+            return None
+        self.settings_error = None
+        return own
 
     # -- the answer to a request ------------------------------------------
 
@@ -344,11 +475,12 @@ class Session:
             self.touch()
 
     def _scrape(self, timeout: float) -> Outcome:
-        if self.state in STARTABLE_STATES and self._proc is None:
+        if self.state in STARTABLE_STATES and self._run.proc is None:
             refusal = self.script_refusal()  # an idle session turns REFUSED or back
             if refusal:
                 self._note_refusal(refusal)
-                return Outcome(Outcome.FORBIDDEN, message=refusal)
+                return Outcome(Outcome.BAD_SETTINGS if refusal == self.settings_error
+                               else Outcome.FORBIDDEN, message=refusal)
             if self.state == REFUSED:
                 # An autostart script waiting to check its file again: now.
                 self.retry_now()
@@ -377,14 +509,15 @@ class Session:
         budget = min(timeout, self.config.start_wait) if self.state == STARTING else timeout
         deadline = self.clock() + budget
         while True:
-            path = self._reader.locate() if self.serving else self._reader.path
-            if path is not None and (self.state != STARTING or self._output_expected):
+            run = self._run  # an edit's version may take over while we wait
+            path = run.reader.locate() if self.serving else run.reader.path
+            if path is not None and (self.state != STARTING or run.output_expected):
                 try:
-                    data = self._reader.read(max(0.0, deadline - self.clock()), self._proc)
+                    data = run.reader.read(max(0.0, deadline - self.clock()), run.proc)
                 except FileNotFoundError:
-                    self._reader.path = None
+                    run.reader.path = None
                 except output.UntrustedOutput as exc:
-                    self._reader.path = None
+                    run.reader.path = None
                     self._output_refused(str(exc))
                     return Outcome(Outcome.UNTRUSTED, message=str(exc))
                 except output.OutputTimeout as exc:
@@ -392,6 +525,8 @@ class Session:
                         return self._starting()
                     return unavailable(str(exc))
                 except output.OutputError as exc:
+                    if run is not self._run:
+                        continue  # the version that was taken over stopped: read the new one
                     return unavailable(str(exc))
                 else:
                     if self.serving:
@@ -405,7 +540,7 @@ class Session:
                 if self.state == STARTING:
                     return self._starting()
                 return unavailable("The script is running but its output file"
-                                   " (%s/__prometheus) is missing." % self.script.module)
+                                   " (%s/__prometheus) is missing." % run.module)
             self._os.wait([self._changed], min(LOCATE_INTERVAL, remaining))
 
     def _starting(self) -> Outcome:
@@ -432,7 +567,7 @@ class Session:
                 uptime = self._run_once()
                 if uptime is None:  # stopped, or refused until the next request
                     return
-                if not self.script.autostart or self._stop_requested:
+                if not self.autostart or self._stop_requested:
                     self._transition(FAILED)
                     return
                 delay = self._backoff.delay(uptime)
@@ -447,8 +582,9 @@ class Session:
                 self._transition(STARTING)
         except BaseException:
             log.exception("watchdog-crashed: script=%s", self.name)
-            if self._proc is not None:
-                self._proc.signal_group(signal.SIGKILL)
+            for run in (self._run, self._next):
+                if run is not None and run.proc is not None:
+                    run.proc.signal_group(signal.SIGKILL)
             raise
         finally:
             self._watchdog = None
@@ -458,9 +594,12 @@ class Session:
         """One start, to its end.  Returns the run's uptime when it failed or
         exited on its own (FAILED or BACKOFF is the caller's), None when it
         was stopped (STOPPED) or its file refused (REFUSED)."""
-        self.stderr_tail.clear()
-        self._produced = False
-        self._spawned = False
+        run = self._run
+        run.tail.clear()
+        run.produced = False
+        run.began = None
+        self._edited = False
+        self.edit_error, self.edit_stderr = None, []
         try:
             source, st = self._read_source()
         except _StartEnded:
@@ -468,47 +607,58 @@ class Session:
         except OSError as exc:
             return self._start_failed("cannot read %s: %s" % (self.script.path, exc.strerror))
         try:
-            plan = self.config.plan
-            driver = self._driver_reason or (plan.driver_reason if plan else "no loader plan")
-            script_digest = build.digest(source)
-            executable = bool(st.st_mode & 0o111)
-            look_up = not (executable or driver)
-            workdir, kept = in_pool(self._stage, source, script_digest if look_up else None)
-            self._workdir = workdir
-            self._reader.annotator = Annotator(parse_declarations(
-                source.decode("utf-8", "replace"))) or None
-            if executable:
-                return self._run_whole(WRAPPER, [self._copy(workdir), "-m", self.script.module],
-                                       workdir)
-            if driver is not None:
-                if plan is not None and self._driver_reason is None:
-                    plan.note_driver(driver)
-                return self._run_whole(DRIVER, self._driver_argv(workdir), workdir)
-            if kept is not None:
-                uptime = self._load_kept(kept, workdir)
-                if uptime is not False:
-                    return uptime
-            return self._compile_and_load(script_digest, workdir)
+            event = self._launch(run, source, st)
+            if event != OUTPUT:
+                return self._after(run, event)
+            return self._serve()
         except _StartEnded:
+            self._stopped()
             return None
         except _SpawnFailed as exc:
             return self._start_failed(str(exc))
         except OSError as exc:
             return self._start_failed("cannot start %s: %s" % (self.name, exc.strerror))
         finally:
-            self._finish_run()
+            self._finish_run(self._run)
 
-    def _finish_run(self) -> None:
-        """End the process and remove the start's working directory: before
-        the state says the run is over, so nobody sees a stopped script whose
+    def _launch(self, run: _Run, source: bytes, st: os.stat_result) -> str:
+        """Start RUN on SOURCE, the script's bytes (ST: their fstat), until
+        its output appears (OUTPUT) or what came first: its process exited
+        (EXIT), a stop (STOP), the keepalive passed (IDLE), or, for an edit's
+        version, the running version exited (ENDED).  Raises _StartEnded on
+        a stop before a spawn, _SpawnFailed or OSError."""
+        plan = self.config.plan
+        driver = self._driver_reason or (plan.driver_reason if plan else "no loader plan")
+        run.digest = build.digest(source)
+        executable = bool(st.st_mode & 0o111)
+        look_up = not (executable or driver)
+        run.workdir, kept = in_pool(self._stage, run.module, source,
+                                    run.digest if look_up else None)
+        run.reader.annotator = Annotator(parse_declarations(
+            source.decode("utf-8", "replace"))) or None
+        if executable:
+            return self._run_whole(run, WRAPPER, [self._copy(run.workdir), "-m", run.module])
+        if driver is not None:
+            if plan is not None and self._driver_reason is None:
+                plan.note_driver(driver)
+            return self._run_whole(run, DRIVER, self._driver_argv(run))
+        if kept is not None:
+            event = self._load_kept(run, kept)
+            if event is not None:
+                return event
+        return self._compile_and_load(run)
+
+    def _finish_run(self, run: _Run) -> None:
+        """End RUN's process and remove its working directory: before the
+        state says the run is over, so nobody sees a stopped script whose
         files are still there."""
-        self._end_process()
-        workdir, self._workdir = self._workdir, None
+        self._end_process(run)
+        workdir, run.workdir = run.workdir, None
         if workdir is not None:
             rmtree(workdir)
 
     def _stopped(self) -> None:
-        self._finish_run()
+        self._finish_run(self._run)
         if self.state != STOPPING:
             self._transition(STOPPING)
         self._transition(STOPPED)
@@ -516,29 +666,37 @@ class Session:
     def _read_source(self):
         """The script file's bytes and fstat, read once through trusted
         descriptors (``trust.read_script``): what the rest of the start
-        digests, parses and runs.  A refusal ends the start REFUSED."""
+        digests, parses and runs; its settings are taken from them.  A
+        refusal (of the file or of a setting) ends the start REFUSED."""
         while True:
             try:
-                return in_pool(trust.read_script, self.script.path,
-                               not self.config.insecure_scripts)
+                source, st = in_pool(trust.read_script, self.script.path,
+                                     not self.config.insecure_scripts)
             except trust.Untrusted as exc:
                 refusal = "%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc)
+            else:
+                self._file_id = file_identity(st)
+                own = self._parse_settings(source)
+                if own is not None:
+                    self.settings = own
+                    return source, st
+                refusal = self.settings_error
             self._note_refusal(refusal)
             self.backoff_until = None
-            if self.script.autostart and not self._stop_requested:
+            if self.autostart and not self._stop_requested:
                 self.backoff_until = self.clock() + self._backoff.delay(0.0)
             self._transition(REFUSED)
             if self.backoff_until is None or not self._wait_retry():
                 raise _StartEnded()
             self._transition(STARTING)  # an autostart script's file is checked again
 
-    def _stage(self, source: bytes, script_digest: Optional[str]):
+    def _stage(self, module: str, source: bytes, script_digest: Optional[str]):
         """(working directory, kept module or None), in the thread pool: a
-        private working directory holding a copy of SOURCE under the
-        script's own name (what the compiler or a wrapper runs: nobody else
-        can change it) and, when SCRIPT_DIGEST is given, the module kept for
-        those bytes, copied in under this run's module name."""
-        workdir = tempfile.mkdtemp(prefix=naming.workdir_prefix(os.getpid(), self.script.module),
+        private working directory for MODULE holding a copy of SOURCE under
+        the script's own name (what the compiler or a wrapper runs: nobody
+        else can change it) and, when SCRIPT_DIGEST is given, the module
+        kept for those bytes, copied in under the name MODULE."""
+        workdir = tempfile.mkdtemp(prefix=naming.workdir_prefix(os.getpid(), module),
                                    dir=self.config.workdir_root)
         try:
             _write_private(os.path.join(workdir, self.script.name), source)
@@ -548,13 +706,13 @@ class Session:
         cache = self.config.cache
         if script_digest is None or cache is None or not cache.enabled:
             return workdir, None
-        kept = cache.find([cache.key(script_digest, suffix, self.script.module)
+        kept = cache.find([cache.key(script_digest, suffix, module)
                            for suffix in build.LOADERS
                            if not self.config.plan.loader_refusal(suffix)])
         if kept is None:
             return workdir, None
         try:
-            cache.place(kept, workdir, self.script.module + os.path.splitext(kept)[1])
+            cache.place(kept, workdir, module + os.path.splitext(kept)[1])
         except (OSError, trust.Untrusted) as exc:
             log.warning("cache: script=%s cannot use the kept module (%s); recompiling",
                         self.name, escape_line(getattr(exc, "strerror", None) or str(exc)))
@@ -565,54 +723,55 @@ class Session:
     def _copy(self, workdir: str) -> str:
         return os.path.join(workdir, self.script.name)
 
-    def _load_kept(self, kept: str, workdir: str):
-        """Load the kept module KEPT; its uptime as ``_serve`` returns it, or
-        False when it would not run (forgotten: compile next)."""
+    def _load_kept(self, run: _Run, kept: str) -> Optional[str]:
+        """Load the kept module KEPT; how the wait for its output ended, or
+        None when it would not run (forgotten: compile next)."""
         suffix = os.path.splitext(kept)[1]
-        module_file = self.script.module + suffix
-        proc = self._spawn(LOAD, self.config.plan.loader_argv(suffix, module_file), workdir)
-        event = self._wait(proc)
-        if event == EXIT and not self._produced:
+        proc = self._spawn(run, LOAD, self.config.plan.loader_argv(suffix, run.module + suffix))
+        event = self._wait(run, until=OUTPUT)
+        if event == EXIT:
             # A changed kernel or runtime, say: forget it and compile afresh,
             # without bothering the client.
             log.warning("cache: script=%s pid=%d compiled module failed (%s); recompiling",
                         self.name, proc.pid, describe_exit(proc.returncode))
             self.config.cache.drop(kept)
-            self._end_process()
-            return False
-        return self._after(proc, event)
+            self._end_process(run)
+            return None
+        return event
 
-    def _compile_and_load(self, script_digest: str, workdir: str) -> Optional[float]:
+    def _compile_and_load(self, run: _Run) -> str:
+        """Compile RUN's copy, then load the module; how the wait for its
+        output ended (``_launch``)."""
         plan = self.config.plan
         with self._start_slots.hold(self):
-            proc = self._spawn(COMPILE, plan.compile_argv(self.script.module,
-                                                          self._copy(workdir)), workdir)
-            event = self._wait(proc)
+            proc = self._spawn(run, COMPILE, plan.compile_argv(run.module,
+                                                               self._copy(run.workdir)))
+            event = self._wait(run)
             if event != EXIT:
-                return self._after(proc, event)
-            module_file = _compiled_module(workdir, self.script.module)
+                return event
+            module_file = _compiled_module(run.workdir, run.module)
             if proc.returncode != 0 or module_file is None:
                 if proc.returncode == 0:
-                    self.stderr_tail.append("the compile left no module in its working directory")
-                return self._exited(proc)
-            log.info("compiled: script=%s pid=%d module=%s", self.name, proc.pid,
-                     self.script.module)
-            self._end_process()
+                    run.tail.append("the compile left no module in its working directory")
+                return EXIT
+            log.info("compiled: script=%s pid=%d module=%s", self.name, proc.pid, run.module)
+            self._end_process(run)
             suffix = os.path.splitext(module_file)[1]
             refusal = plan.loader_refusal(suffix)
             if refusal:
                 plan.note_driver(refusal)
-                return self._serve(self._spawn(DRIVER, self._driver_argv(workdir), workdir))
-            proc = self._spawn(LOAD, plan.loader_argv(suffix, module_file), workdir)
+                self._spawn(run, DRIVER, self._driver_argv(run))
+                return self._wait(run, until=OUTPUT)
+            proc = self._spawn(run, LOAD, plan.loader_argv(suffix, module_file))
             # Kept while the loader starts, not before: the copy would
             # delay the first metrics.
             if self.config.cache is not None and self.config.cache.store(
-                    workdir, module_file,
-                    self.config.cache.key(script_digest, suffix, self.script.module)):
+                    run.workdir, module_file,
+                    self.config.cache.key(run.digest, suffix, run.module)):
                 log.info("cache: script=%s kept the compiled module for the next start",
                          self.name)
-            event = self._wait(proc, until_output=True)
-            if event == EXIT and not self._produced:
+            event = self._wait(run, until=OUTPUT)
+            if event == EXIT:
                 # The loader alone does not run here as stap would run it (an
                 # environment stap's wrapper sets up, say): from now on this
                 # script runs through the stap driver.
@@ -620,48 +779,50 @@ class Session:
                     proc.returncode)
                 log.warning("driver: script=%s pid=%d %s; running it through the stap driver"
                             " from now on", self.name, proc.pid, self._driver_reason)
-                self._end_process()
-                proc = self._spawn(DRIVER, self._driver_argv(workdir), workdir)
-                event = self._wait(proc, until_output=True)
-            if event != OUTPUT:
-                return self._after(proc, event)
-        return self._serve(proc)
+                self._end_process(run)
+                self._spawn(run, DRIVER, self._driver_argv(run))
+                event = self._wait(run, until=OUTPUT)
+            return event
 
-    def _driver_argv(self, workdir: str) -> List[str]:
-        return list(self.config.stap) + ["-m", self.script.module, self._copy(workdir)]
+    def _driver_argv(self, run: _Run) -> List[str]:
+        return list(self.config.stap) + ["-m", run.module, self._copy(run.workdir)]
 
-    def _run_whole(self, kind: str, argv: List[str], workdir: str) -> Optional[float]:
+    def _run_whole(self, run: _Run, kind: str, argv: List[str]) -> str:
         """Run a wrapper or the stap driver: compile and run in one process
         (it holds a --max-starting slot until its output appears)."""
         with self._start_slots.hold(self):
-            proc = self._spawn(kind, argv, workdir)
-            event = self._wait(proc, until_output=True)
-            if event != OUTPUT:
-                return self._after(proc, event)
-        return self._serve(proc)
+            self._spawn(run, kind, argv)
+            return self._wait(run, until=OUTPUT)
 
-    def _serve(self, proc: Process) -> Optional[float]:
-        """Serve until the process exits, idles out or is stopped."""
-        return self._after(proc, self._wait(proc))
+    def _serve(self) -> Optional[float]:
+        """Serve until the process exits, idles out or is stopped; an edit
+        of the file meanwhile starts its new version (``_try_edit``)."""
+        while True:
+            event = self._wait(self._run, until=EDITED)
+            if event != EDITED:
+                return self._after(self._run, event)
+            self._try_edit()
 
-    def _after(self, proc: Process, event: str) -> Optional[float]:
-        """The run ends by EVENT: stopped (None) or exited (its uptime)."""
+    def _after(self, run: _Run, event: str) -> Optional[float]:
+        """RUN ends by EVENT: stopped (None) or exited (its uptime)."""
         if event == EXIT:
-            return self._exited(proc)
+            return self._exited(run)
+        proc = run.proc
         self._transition(STOPPING)
         log.info("stopping: script=%s pid=%d reason=%s", self.name, proc.pid,
-                 "idle for %gs" % self.config.keepalive if event == IDLE else event)
+                 "idle for %gs" % self.keepalive if event == IDLE else event)
         proc.terminate(self.config.stop_grace)
-        self._finish_run()
+        self._finish_run(run)
         self.exits["stopped"] += 1
         log.info("stopped: script=%s pid=%d (%s)", self.name, proc.pid,
                  describe_exit(proc.returncode))
         self._transition(STOPPED)
         return None
 
-    def _exited(self, proc: Process) -> Optional[float]:
+    def _exited(self, run: _Run) -> Optional[float]:
+        proc = run.proc
         uptime = self.clock() - (self.started_at or self.clock())
-        self._finish_run()
+        self._finish_run(run)
         self.last_error = describe_exit(proc.returncode)
         self.exits["error" if proc.returncode != 0 else "exited"] += 1
         log.warning("exited: script=%s pid=%d (%s; not expected)", self.name, proc.pid,
@@ -681,65 +842,165 @@ class Session:
             return None
         return 0.0
 
-    def _spawn(self, kind: str, argv: List[str], workdir: str) -> Process:
-        """Fork the next process of the start.  Raises OSError."""
+    # -- an edited file: the new version beside the running one ---------------
+
+    def _try_edit(self) -> None:
+        """The file changed while the script runs: start the new version
+        beside the running one, as any start does, under the other module
+        name (``naming.version_module``).  Once its output appears it takes
+        over.  Otherwise the running version goes on: a failed edit is kept
+        in ``edit_error`` and logged, and a stop, the keepalive or the
+        running version's exit end the new one (the serving wait sees why)."""
+        self._edited = False
+        try:
+            source, st = in_pool(trust.read_script, self.script.path,
+                                 not self.config.insecure_scripts)
+        except trust.Untrusted as exc:
+            return self._edit_failed("%s%s: %s" % (SCRIPT_REFUSAL, self.name, exc))
+        except OSError:
+            return  # removed, say: the running version goes on
+        self._file_id = file_identity(st)
+        if build.digest(source) == self._run.digest:
+            return  # touched, not changed
+        own = self._parse_settings(source)
+        if own is None:
+            return self._edit_failed(self.settings_error)
+        new = self._next = _Run(self.name, naming.version_module(self.script.module,
+                                                                 self.version + 1),
+                                self.config, self.clock)
+        self.ticket = self._start_slots.ticket()
+        log.info("edited: script=%s module=%s starting the new version beside the running one",
+                 self.name, new.module)
+        try:
+            event = self._launch(new, source, st)
+            if event == OUTPUT:
+                self._take_over(new, own)
+            elif event == EXIT:
+                proc = new.proc
+                self._end_process(new)  # its last lines of standard error are in
+                self._edit_failed("the new version failed (%s)" % describe_exit(proc.returncode),
+                                  new.tail)
+        except _StartEnded:
+            pass  # a stop: the serving wait sees it
+        except _SpawnFailed as exc:
+            self._edit_failed(str(exc), new.tail)
+        except OSError as exc:
+            self._edit_failed("cannot start the new version: %s" % exc.strerror, new.tail)
+        finally:
+            self._next = None
+            if new is not self._run:
+                if new.proc is not None and not new.proc.exited():
+                    new.proc.terminate(self.config.stop_grace)
+                self._finish_run(new)
+
+    def _take_over(self, new: _Run, own: Settings) -> None:
+        """NEW's output appeared: it serves from now on, with its settings
+        OWN, and the version it replaces stops (its ``probe end`` runs) once
+        the reads of it under way are done."""
+        old, self._run = self._run, new
+        self.settings = own
+        self.version += 1
+        self.started_at, self.first_output_at = new.began, self.clock()
+        self.starts += 1
+        self.edit_error, self.edit_stderr = None, []
+        log.info("edited: script=%s pid=%d module=%s took over after %.1f s from pid %d",
+                 self.name, new.proc.pid, new.module, self.first_output_at - new.began,
+                 old.proc.pid)
+        reads = old.reader.in_flight
+        if reads is not None:
+            self._os.wait([reads], READS_DRAIN)
+        proc = old.proc
+        proc.terminate(self.config.stop_grace)
+        self._finish_run(old)
+        self.exits["stopped"] += 1
+        log.info("stopped: script=%s pid=%d (%s)", self.name, proc.pid,
+                 describe_exit(proc.returncode))
+
+    def _edit_failed(self, message: str, tail=()) -> None:
+        """An edit did not take over: MESSAGE (and TAIL, its last lines of
+        standard error) shown until the next edit or start, logged once."""
+        self.edit_error = "edit not applied, the running version goes on: " + message
+        self.edit_stderr = list(tail)
+        self.edit_failures += 1
+        log.warning("edit-failed: script=%s %s", self.name, escape_line(self.edit_error))
+
+    # -- processes and waits ----------------------------------------------------
+
+    def _spawn(self, run: _Run, kind: str, argv: List[str]) -> Process:
+        """Fork the next process of RUN's start.  Raises _StartEnded when a
+        stop was asked for, _SpawnFailed when the fork failed."""
         if self._stop_requested:
-            self._stopped()
             raise _StartEnded()
-        self._reader.new_run()
+        run.reader.new_run()
         # A stale output from an earlier run that died unseen would be read
         # instead of the new one (and never answer): start from a clean slate.
-        for directory in remove_module_dirs(self.script.module, self.config.procfs_dirs):
+        for directory in remove_module_dirs(run.module, self.config.procfs_dirs):
             log.warning("stale: script=%s removed %s left by an earlier run", self.name,
                         directory)
-        proc = Process(self.name, kind, self.stderr_tail, self._os)
+        proc = Process(self.name, kind, run.tail, self._os)
         began = self.clock()  # the spawn yields to the hub until the exec
         try:
-            proc.spawn(argv, workdir)
+            proc.spawn(argv, run.workdir)
         except OSError as exc:
             raise _SpawnFailed("cannot run %s: %s" % (argv[0], exc.strerror)) from None
-        self._proc = proc
-        if not self._spawned:  # the start's first process: when the start began
-            self._spawned = True
-            self.started_at = began
-            self.starts += 1
-        self.last_error = None
+        run.proc = proc
+        if run.began is None:  # the start's first process: when the start began
+            run.began = began
+            if run is self._run:
+                self.started_at = began
+                self.starts += 1
+        if run is self._run:
+            self.last_error = None
         shown = escape_line(" ".join(argv))
         if kind == COMPILE:
             log.info("compiling: script=%s pid=%d module=%s argv=%s", self.name, proc.pid,
-                     self.script.module, shown)
+                     run.module, shown)
         else:
             log.info("spawned: script=%s pid=%d module=%s run=%s argv=%s", self.name, proc.pid,
-                     self.script.module, kind, shown)
+                     run.module, kind, shown)
         return proc
 
-    def _wait(self, proc: Process, until_output: bool = False) -> str:
-        """Block until the process exits (EXIT), a stop is asked for (STOP),
-        the keepalive passes without requests (IDLE) or, with UNTIL_OUTPUT,
-        its output has appeared (OUTPUT).  Until the output appears (or while
-        it is refused), look for it (``output_poll_interval``)."""
-        keepalive = self.config.keepalive
+    def _wait(self, run: _Run, until: Optional[str] = None) -> str:
+        """Block until RUN's process exits (EXIT), a stop is asked for (STOP),
+        the keepalive passes without requests (IDLE) or UNTIL happens: its
+        output appeared (OUTPUT), or the file was edited while it runs
+        (EDITED).  For an edit's version, also until the running version
+        exits (ENDED).  Until the output appears (or while it is refused),
+        look for it (``output_poll_interval``)."""
+        proc = run.proc
+        beside = self._run.proc if run is not self._run else None
         looking = proc.kind != COMPILE
         while True:
             if self._stop_requested:
                 return STOP
             timeout = None
-            if keepalive is not None and not self.script.autostart:
+            keepalive = self.keepalive
+            if keepalive is not None:
                 timeout = keepalive if self.requests_in_flight else \
                     self.last_request + keepalive - self.clock()
                 if timeout <= 0:
                     return IDLE
-            if looking and self.state in OUTPUT_PENDING_STATES:
-                self._look_for_output()
-            if until_output and self.state == RUNNING:
+            if looking and self._pending(run):
+                self._look_for_output(run)
+            if until == OUTPUT and run.produced:
                 return OUTPUT
-            if looking and self.state in OUTPUT_PENDING_STATES:
+            if until == EDITED and self._edited and self.state == RUNNING:
+                return EDITED
+            if looking and self._pending(run):
                 poll = output_poll_interval(self.clock() - proc.spawned_at)
                 timeout = poll if timeout is None else min(timeout, poll)
-            self._os.wait([proc.result, self._wake], timeout)
+            self._os.wait([proc.result, self._wake] + ([beside.result] if beside else []),
+                          timeout)
+            if beside is not None and beside.exited():
+                return ENDED
             if proc.exited() and not self._stop_requested:
                 return EXIT
             self._wake.clear()
+
+    def _pending(self, run: _Run) -> bool:
+        """True while RUN's output is to be looked for: not found yet, or
+        refused."""
+        return self.state in OUTPUT_PENDING_STATES if run is self._run else not run.produced
 
     def _wait_retry(self) -> bool:
         """Sleep until ``backoff_until``; False (and STOPPED) if a stop came
@@ -753,17 +1014,17 @@ class Session:
         self._transition(STOPPED)
         return False
 
-    def _end_process(self) -> None:
+    def _end_process(self, run: _Run) -> None:
         """What every end of a process needs: drain its output pumps, stop
         what is left of its group, remove any module directory the runtime
         left (the BPF runtime's FIFO directory after a SIGKILL), forget it."""
-        proc = self._proc
+        proc = run.proc
         if proc is None:
             return
         proc.reap(self.config.stop_grace)
-        remove_module_dirs(self.script.module, self.config.procfs_dirs)
-        self._reader.path = None
-        self._proc = None
+        remove_module_dirs(run.module, self.config.procfs_dirs)
+        run.reader.path = None
+        run.proc = None
 
     # -- state -------------------------------------------------------------
 
@@ -785,20 +1046,18 @@ class Session:
             self._refusals_logged.add(message)
             log.warning("refused: script=%s %s", self.name, escape_line(message))
 
-    @property
-    def _output_expected(self) -> bool:
-        """Whether a process that writes the output runs: what the module
-        path holds during a compile is no output of this start (the spawn of
-        the loader clears what it can)."""
-        return self._proc is not None and self._proc.kind != COMPILE
-
-    def _look_for_output(self) -> None:
+    def _look_for_output(self, run: _Run) -> None:
         """STARTING (or REFUSED for its output) -> RUNNING once the output
-        exists and may be trusted, or -> REFUSED when it may not."""
-        exists, refusal = self._reader.appeared()
+        exists and may be trusted, or -> REFUSED when it may not.  An edit's
+        version only notes that its output may be trusted."""
+        exists, refusal = run.reader.appeared()
         if not exists:
             return
-        if refusal:
+        if run is not self._run:
+            if refusal:
+                self._note_refusal(refusal)
+            run.produced = not refusal
+        elif refusal:
             self._output_refused(refusal)
         else:
             self._output_ok()
@@ -806,7 +1065,7 @@ class Session:
     def _output_refused(self, message: str) -> None:
         """The running process's output is not trusted: REFUSED (the process
         runs on), MESSAGE shown and logged once."""
-        if self.state in (STARTING, RUNNING) and self._output_expected:
+        if self.state in (STARTING, RUNNING) and self._run.output_expected:
             self._transition(REFUSED)
         self._note_refusal(message)
 
@@ -816,7 +1075,7 @@ class Session:
         if self.first_output_at is None or self.started_at is None \
                 or self.first_output_at < self.started_at:
             self.first_output_at = self.clock()
-        self._produced = True
+        self._run.produced = True
         if self.last_error in self._refusals_logged:
             self.last_error = None  # the cause is gone
         self._refusals_logged.clear()
@@ -852,7 +1111,7 @@ class StartSlots:
     @contextlib.contextmanager
     def hold(self, session: "Session"):
         """Hold a slot for SESSION's start; a stop while it is queued ends
-        the start (``_StartEnded``, the session STOPPED)."""
+        the start (``_StartEnded``)."""
         if self.limit is None:
             yield
             return
@@ -885,7 +1144,6 @@ class StartSlots:
             if turn.is_set():  # handed a slot as the stop came: pass it on
                 self.taken -= 1
                 self._hand_on()
-            s._stopped()
             raise _StartEnded()
         log.info("dequeued: script=%s starting (its turn under --max-starting)", s.name)
         s.touch()  # its idle time counts from its start, not from the request that queued it

@@ -165,7 +165,7 @@ class App:
 
     def _scrape(self, session: Session, environ):
         """(response, error reason or None)."""
-        outcome = session.scrape(self._timeout(environ))
+        outcome = session.scrape(self._timeout(environ, session.settings.scrape_timeout))
         if outcome.kind == Outcome.OK:
             if self.validate:
                 problem = validation_error(outcome.body)
@@ -190,14 +190,17 @@ class App:
             return text_response(502, "Untrusted script output: %s" % message)
         if outcome.kind == Outcome.FORBIDDEN:
             return text_response(403, "Untrusted script: %s" % message)
+        if outcome.kind == Outcome.BAD_SETTINGS:
+            return text_response(403, "Script refused: %s" % message)
         if outcome.kind == Outcome.BUSY:
             return text_response(503, "Too busy to start the script: %s" % message, extra)
         return text_response(503, "Script output unavailable: %s" % message, extra)
 
-    def _timeout(self, environ) -> float:
-        """The scrape's deadline: ours, shortened to end a little before the
-        scraper's own (Prometheus sends X-Prometheus-Scrape-Timeout-Seconds)."""
-        timeout = self.default_timeout
+    def _timeout(self, environ, own: Optional[float] = None) -> float:
+        """The scrape's deadline: the script's own (OWN) or ours, shortened to
+        end a little before the scraper's own (Prometheus sends
+        X-Prometheus-Scrape-Timeout-Seconds)."""
+        timeout = own or self.default_timeout
         raw = environ.get("HTTP_X_PROMETHEUS_SCRAPE_TIMEOUT_SECONDS")
         if raw:
             try:
@@ -287,7 +290,8 @@ class App:
             cpu_seconds=cost.cpu_seconds if cost else None,
             resident_bytes=cost.resident_bytes if cost else None,
             last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in(),
-            queued=s.queued)
+            queued=s.queued, settings=s.settings_text(self.default_timeout),
+            edit_error=s.edit_error, edit_stderr=s.edit_stderr)
 
 
 ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready",

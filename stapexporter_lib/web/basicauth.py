@@ -43,8 +43,9 @@ class BasicAuth:
     """HTTP basic authentication against bcrypt hashes.
 
     A password that was verified is remembered (an HMAC under a per-process
-    key) for as long as the process runs, as the users cannot change
-    meanwhile: a scraper costs one bcrypt check in all, and wrong passwords,
+    key) for as long as this object serves, as its users cannot change
+    meanwhile (a SIGHUP that reads the users again makes a new one): a
+    scraper costs one bcrypt check per configuration, and wrong passwords,
     however many, never make it wait.  Failures are not remembered; at most
     AUTH_THREADS checks run at once and AUTH_QUEUE run or wait, beyond that
     ``verify`` answers BUSY at once.  A failure takes as long as a check at

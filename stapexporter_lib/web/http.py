@@ -333,6 +333,12 @@ class Server(pywsgi.WSGIServer):
             except (OSError, AttributeError):
                 pass
 
+    def use_ssl_context(self, context) -> None:
+        """Serve new connections with CONTEXT (new certificates); those open
+        keep theirs.  gevent wraps each accepted socket with the server's
+        ``wrap_socket`` as it accepts it."""
+        self.wrap_socket = context.wrap_socket
+
     def at_capacity(self) -> bool:
         # (Not "full": gevent's BaseServer stops accepting while full() is true.)
         return self.connections >= self.max_connections

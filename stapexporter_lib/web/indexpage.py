@@ -16,7 +16,7 @@ or change sessions (``app.py`` hands it the rows).
 
 import html
 import time
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 from ..logs import escape_line
@@ -44,6 +44,9 @@ class ScriptRow(NamedTuple):
     stderr_tail: Sequence[str]     # shown only with an error
     retry_in: Optional[float] = None  # backoff, refused autostart: next try in (s)
     queued: bool = False           # its start waits its turn under --max-starting
+    settings: str = ""             # in effect: "keepalive=600 autostart=yes ..."
+    edit_error: Optional[str] = None  # why the last edit of the file did not take over
+    edit_stderr: Sequence[str] = ()   # and its last lines of standard error
 
 
 class Page(NamedTuple):
@@ -97,8 +100,9 @@ def output_cell(row: ScriptRow) -> str:
 
 def reason(row: ScriptRow) -> str:
     """The last error (for ``refused`` and ``backoff``: why), with when the
-    next try comes, or that the start is queued; '-' for none."""
-    text = row.last_error or ""
+    next try comes, or that the start is queued, or why an edit did not take
+    over; '-' for none."""
+    text = row.last_error or row.edit_error or ""
     if row.queued:
         text = "queued: starts when a --max-starting slot frees"
     if row.retry_in is not None:
@@ -111,11 +115,23 @@ def _cells(row: ScriptRow) -> List[str]:
     """The table cells of ROW, each one word (the text table splits on blanks)."""
     return [escape_line(row.name), row.state, str(row.pid) if row.pid else "-",
             duration(row.uptime), str(row.starts), duration(row.scraped_ago),
-            output_cell(row), cpu(row.cpu_seconds), size(row.resident_bytes)]
+            output_cell(row), cpu(row.cpu_seconds), size(row.resident_bytes),
+            ",".join(row.settings.split()) or "-"]
+
+
+def _stderr_sections(row: ScriptRow) -> List[Tuple[str, Sequence[str]]]:
+    """(what, lines) of the standard error shown below ROW: its last run's
+    with an error, the last edit's that did not take over."""
+    sections = []
+    if row.last_error and row.stderr_tail:
+        sections.append(("last lines of standard error", row.stderr_tail))
+    if row.edit_error and row.edit_stderr:
+        sections.append(("the edited version's last lines of standard error", row.edit_stderr))
+    return sections
 
 
 HEADER = ("SCRIPT", "STATE", "PID", "UPTIME", "STARTS", "SCRAPED", "OUTPUT", "CPU", "MEMORY",
-          "LAST ERROR")
+          "SETTINGS", "LAST ERROR")
 LINKS = ("/NAME.stp", "/metrics", "/targets", "/-/healthy", "/-/ready")
 
 
@@ -133,10 +149,10 @@ def render_text(page: Page) -> bytes:
     for cells, tail in zip(table, last):
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + tail)
     for row in page.rows:
-        if row.last_error and row.stderr_tail:
+        for what, tail in _stderr_sections(row):
             lines.append("")
-            lines.append("%s: last lines of standard error:" % escape_line(row.name))
-            lines.extend("  " + escape_line(line) for line in row.stderr_tail)
+            lines.append("%s: %s:" % (escape_line(row.name), what))
+            lines.extend("  " + escape_line(line) for line in tail)
     lines.append("")
     lines.append("Endpoints: %s (HTML: ask with Accept: text/html)" % ", ".join(LINKS))
     return ("\n".join(lines) + "\n").encode("utf-8", "replace")
@@ -181,7 +197,7 @@ td.err{grid-column:1/-1;display:block}td.err::before{display:block}td.err.na{dis
 
 _COLUMNS = (("script", "name"), ("state", ""), ("pid", "num"), ("uptime", "num"),
             ("starts", "num"), ("last scrape", "num"), ("output", "num"), ("CPU", "num"),
-            ("memory", "num"), ("last error", "err"))
+            ("memory", "num"), ("settings", "settings"), ("last error", "err"))
 
 
 def _h(text: str) -> str:
@@ -200,13 +216,14 @@ def _html_row(row: ScriptRow) -> str:
     ago = "-" if row.scraped_ago is None else duration(row.scraped_ago) + " ago"
     error = reason(row)
     error = _h(error) if error != "-" else error
-    if row.last_error and row.stderr_tail:
-        error += ("<details><summary>standard error, last %d lines</summary><pre>%s</pre>"
-                  "</details>" % (len(row.stderr_tail), _h("\n".join(row.stderr_tail))))
+    for what, tail in _stderr_sections(row):
+        error += ("<details><summary>%s</summary><pre>%s</pre></details>"
+                  % (what, _h("\n".join(tail))))
     href = html.escape(quote(row.name, safe="", errors="surrogateescape"))
     contents = ['<a href="%s">%s</a>' % (href, _h(row.name)),
                 '<span class="state %s">%s</span>' % (row.state, _h(row.state)),
-                cells[2], cells[3], cells[4], ago, cells[6], cells[7], cells[8], error]
+                cells[2], cells[3], cells[4], ago, cells[6], cells[7], cells[8],
+                _h(row.settings) or "-", error]
     return '<tr class="script-row">%s</tr>' % ("".join(
         _td(label, css, content) for (label, css), content in zip(_COLUMNS, contents)))
 

@@ -64,6 +64,9 @@ LIFECYCLE_FAMILIES = (
      "Size of the script's last output read, in bytes.", ()),
     (GaugeMetricFamily, "stap_exporter_script_queued",
      "1 while the script's start waits its turn under --max-starting.", ()),
+    (CounterMetricFamily, "stap_exporter_script_reload_failures",
+     "Edits of the running script's file whose new version did not take over (refused, a"
+     " wrong setting, or it failed to compile or start); the running version went on.", ()),
 )
 COST_FAMILIES = (
     (CounterMetricFamily, "stap_exporter_script_cpu_seconds",
@@ -98,7 +101,8 @@ class SessionCollector:
         return self._lifecycle(sessions) + self._costs(sessions)
 
     def _lifecycle(self, sessions):
-        up, state, read, starts, restarts, exits, size, queued = _families(LIFECYCLE_FAMILIES)
+        up, state, read, starts, restarts, exits, size, queued, reload_failures = \
+            _families(LIFECYCLE_FAMILIES)
         for s in sessions:
             name = s.name
             up.add_metric([name], 1 if s.state == RUNNING else 0)
@@ -111,7 +115,8 @@ class SessionCollector:
                 exits.add_metric([name, outcome], s.exits.get(outcome, 0))
             size.add_metric([name], s.last_output_bytes)
             queued.add_metric([name], 1 if s.queued else 0)
-        return [up, state, read, starts, restarts, exits, size, queued]
+            reload_failures.add_metric([name], s.edit_failures)
+        return [up, state, read, starts, restarts, exits, size, queued, reload_failures]
 
     def _costs(self, sessions):
         cpu, memory, start = _families(COST_FAMILIES)
@@ -149,7 +154,7 @@ class SelfMetrics:
         self.scrape_errors = Counter(
             "stap_exporter_scrape_errors",
             "Requests for a script that got no metrics, by reason: not_ready, failed,"
-            " unavailable, invalid, busy, untrusted_output, untrusted_script.",
+            " unavailable, invalid, busy, untrusted_output, untrusted_script, bad_settings.",
             ["script", "reason"], registry=self.registry)
         self.start_duration = Histogram(
             "stap_exporter_script_start_duration_seconds",

@@ -22,8 +22,9 @@ silently ignored.  ``http_server_config`` is accepted and ignored, with a note.
 Differences from the toolkit, forced by Python's ``ssl`` module, which cannot
 ask for a client certificate without verifying it: ``RequestClientCert`` is
 served as ``NoClientCert`` (the certificate is never used either way), and
-``RequireAnyClientCert`` is refused.  The file is read once, by ``load()``;
-the toolkit rereads it on every request.
+``RequireAnyClientCert`` is refused.  The file is read by ``load()`` at
+start-up and on SIGHUP (``server.py``); the toolkit rereads it on every
+request.
 
 Owns the web configuration file.  Must not touch
 sessions or sockets (``http.py`` wraps the listener with its TLS context).

@@ -1,13 +1,15 @@
 """--web-config end to end: the daemon serves TLS and demands basic auth."""
 
 import http.client
+import signal
+import ssl
 import subprocess
 import sys
 
 import pytest
 
 from conftest import EXPORTER, ROOT, write_script
-from webhelpers import https_get, tls_files, write_config  # noqa: F401 (fixture)
+from webhelpers import https_get, make_tls_files, tls_files, write_config  # noqa: F401
 
 
 def test_tls_and_basic_auth(dirs, exporter_factory, tmp_path, tls_files):
@@ -35,6 +37,32 @@ def test_tls_and_basic_auth(dirs, exporter_factory, tmp_path, tls_files):
         pass
     else:
         assert r.status != 200, r
+
+
+def test_sighup_reads_the_web_config_again(dirs, exporter_factory, tmp_path, tls_files):
+    """New users and a new certificate serve new connections without a
+    restart; a broken file on SIGHUP changes nothing and says why."""
+    key, crt = tls_files
+    cfg = write_config(tmp_path, key, crt, b"old")
+    exp = exporter_factory(["--web-config", str(cfg)])
+    assert https_get(exp.port, crt, "/metrics", b"prom:old")[0] == 200
+    key2, crt2 = make_tls_files(tmp_path, "rotated")
+    write_config(tmp_path, key2, crt2, b"new")
+    mark = len(exp.log_lines)
+    exp.signal(signal.SIGHUP)
+    exp.wait_log(r"event=web-config .*reloaded: TLS on, basic auth on \(1 users\)", start=mark)
+    assert https_get(exp.port, crt2, "/metrics", b"prom:new")[0] == 200
+    assert https_get(exp.port, crt2, "/metrics", b"prom:old")[0] == 401
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get(exp.port, crt, "/metrics", b"prom:new")  # the old certificate is gone
+    cfg.write_text("bogus_key: 1\n")
+    mark = len(exp.log_lines)
+    exp.signal(signal.SIGHUP)
+    line = exp.wait_log(r"level=error event=web-config ", start=mark)
+    assert "bogus_key" in line and "the running configuration stays" in line
+    assert https_get(exp.port, crt2, "/metrics", b"prom:new")[0] == 200
+    assert https_get(exp.port, crt2, "/metrics", b"prom:old")[0] == 401
+    assert exp.proc.poll() is None
 
 
 @pytest.mark.parametrize("content,fragment", [

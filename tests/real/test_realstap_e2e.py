@@ -19,11 +19,12 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, Exporter, process_group, processes_matching, wait_for
+from conftest import ROOT, Exporter, Scraper, process_group, processes_matching, wait_for
 
 import realstap
 
@@ -64,6 +65,17 @@ probe prometheus { @prometheus_dump_array1(ticks, "ticks", "cpu") }
 """
 
 COMPILE_TIMEOUT = 60.0
+
+# A script whose output and `probe end` say which version runs.
+VERSIONED = """\
+global ticks
+probe timer.ms(50) { ticks++ }
+probe prometheus {
+    $value .= "live_version %d\\n"
+    $value .= "live_ticks " . sprint(ticks) . "\\n"
+}
+probe end { printf("live version %d ends\\n") }
+"""
 
 
 @pytest.fixture(scope="module")
@@ -423,3 +435,36 @@ def test_compiled_module_that_fails_is_recompiled(start, scripts, tmp_path):
     wait_for(ok, timeout=COMPILE_TIMEOUT, interval=0.2, message="200 after recompiling")
     assert 502 not in statuses, statuses
     exp.wait_log(event_re("cache", "ticks.stp") + r".*compiled module failed.*recompiling")
+
+
+def test_an_edit_takes_over_with_no_failed_scrape(start, scripts):
+    """A client scraping every 20 ms while the script is edited sees only
+    200s, and the new version's output within 3 s of the edit; the old
+    stapbpf stops with its probe end run.  A broken edit then keeps the 200s
+    coming and puts stap's error on the index page."""
+    path = write(scripts, "live.stp", VERSIONED % (1, 1))
+    exp = start()
+    assert "live_version 1" in first_then_ok(exp, "/live.stp").text
+    (old_pid, _cmd), = stap_children(exp)
+    scraper = Scraper(exp, "/live.stp")
+    write(scripts, "live.stp.new", VERSIONED % (2, 2))
+    os.rename(str(scripts / "live.stp.new"), path)
+    edited = time.monotonic()
+    wait_for(lambda: scraper.first(b"live_version 2"), timeout=COMPILE_TIMEOUT,
+             message="the new version's output")
+    assert scraper.first(b"live_version 2") - edited < 3.0
+    exp.wait_log(r"event=stdout script=live\.stp pid=%d .*live version 1 ends" % old_pid)
+    wait_for(lambda: len(stap_children(exp)) == 1, message="the old stapbpf to be gone")
+    (new_pid, cmd), = stap_children(exp)
+    assert new_pid != old_pid and "stapexp_%d__live.bo" % exp.proc.pid in cmd, cmd
+    assert len(fifo_dirs(exp)) == 1
+    # A broken edit: the version running goes on.
+    write(scripts, "live.stp", BROKEN)
+    exp.wait_log(event_re("edit-failed", "live.stp"), timeout=COMPILE_TIMEOUT)
+    index = exp.get("/").text
+    assert "semantic error" in index and "no_such_function_xyz" in index, index
+    time.sleep(0.5)
+    failures = scraper.finish()
+    assert not failures, failures[:5]
+    assert b"live_version 2" in scraper.answers[-1][2]
+    assert [pid for pid, _cmd in stap_children(exp)] == [new_pid]

@@ -320,6 +320,7 @@ def test_derived_lists_are_not_empty():
     assert "stap_exporter_scrape_errors_total" in self_metric_names()
     assert {"/", "/metrics", "/targets", "/-/healthy", "/-/ready"} <= set(endpoints())
     assert {200, 400, 401, 403, 404, 405, 408, 431, 502, 503} <= set(status_codes())
+    assert {"keepalive", "autostart", "scrape-timeout", "max-series"} <= set(setting_keys())
 
 
 @pytest.mark.parametrize("path", endpoints())
@@ -356,6 +357,22 @@ def test_state_documented(state):
 def test_self_metric_documented(metric):
     assert re.search(r"^\| `%s[{`]" % re.escape(metric), read(OPERATING), re.M), \
         "docs/operating.md's self-metrics table lacks %s" % metric
+
+
+def setting_keys():
+    from stapexporter_lib.scripts.settings import KEYS
+    return list(KEYS)
+
+
+@pytest.mark.parametrize("key", setting_keys())
+def test_setting_documented(key):
+    """Every key of the '# stap-exporter:' line: a row of writing-scripts.md's
+    table, and in the man page's DESCRIPTION."""
+    assert re.search(r"^\| `%s` \|" % re.escape(key), read(WRITING), re.M), \
+        "docs/writing-scripts.md's settings table lacks %s" % key
+    assert re.search(r"(?<![\w-])%s=" % re.escape(key),
+                     roff_plain(manpage_section("DESCRIPTION"))), \
+        "the man page's DESCRIPTION does not describe %s=" % key
 
 
 def test_self_metrics_are_documented_in_one_file():
