@@ -106,6 +106,7 @@ class SessionConfig(NamedTuple):
     plan: Optional[build.Plan]          # None: plain scripts run through the stap driver
     cache: Optional[build.ModuleCache]  # compiled modules kept (None: none)
     insecure_scripts: bool              # skip the script trust checks (--insecure-scripts)
+    max_series: Optional[int]           # --max-series (None: no limit)
 
 
 class Outcome:
@@ -116,6 +117,7 @@ class Outcome:
     FAILED = "failed"        # the script exited with an error: MESSAGE says why
     UNAVAILABLE = "unavailable"  # running, but its output could not be read
     BUSY = "busy"            # not started: a cap on running or starting scripts
+    SERIES_LIMIT = "series_limit"  # the output holds more samples than the limit
     # Refusals (trust.py): MESSAGE names the path and the reason.
     UNTRUSTED = "untrusted_output"  # the output path is not trusted: nothing read
     FORBIDDEN = "untrusted_script"  # the script file is not trusted: not started
@@ -226,6 +228,8 @@ class Session:
         self._produced = False         # this run's output has appeared (and was trusted)
         self._refusals_logged = set()  # trust refusals logged (once per cause)
         self._driver_reason: Optional[str] = None  # why this script now runs the driver way
+        self.max_series = config.max_series  # the most samples an output served may hold
+        self._over_limit = False               # the last output read was over it (logged)
 
     # -- what the index page and the self-metrics read ----------------------
 
@@ -240,6 +244,10 @@ class Session:
     @property
     def last_output_bytes(self) -> int:
         return self._reader.last_output_bytes
+
+    @property
+    def last_series(self) -> int:
+        return self._reader.last_series
 
     @property
     def output_read(self) -> bool:
@@ -395,7 +403,7 @@ class Session:
                 else:
                     if self.serving:
                         self._output_ok()
-                    return Outcome(Outcome.OK, body=data)
+                    return self._limit_series(data)
             if not self.serving:
                 # It exited (or is being stopped) while we waited.
                 return self._scrape(timeout) if self.state != STOPPED else self._starting()
@@ -406,6 +414,26 @@ class Session:
                 return unavailable("The script is running but its output file"
                                    " (%s/__prometheus) is missing." % self.script.module)
             self._os.wait([self._changed], min(LOCATE_INTERVAL, remaining))
+
+    def _limit_series(self, data: bytes) -> Outcome:
+        """DATA as the answer, unless it holds more samples than
+        ``max_series``: then a refusal naming both numbers (logged once
+        until an output falls back under the limit)."""
+        series, limit = self._reader.last_series, self.max_series
+        over = limit is not None and series > limit
+        if over != self._over_limit:
+            self._over_limit = over
+            if over:
+                log.warning("series-limit: script=%s output of %d series is over the limit of"
+                            " %d; not served until it falls back under", self.name, series,
+                            limit)
+            else:
+                log.info("series-limit: script=%s output of %d series is within the limit"
+                         " again", self.name, series)
+        if over:
+            return Outcome(Outcome.SERIES_LIMIT, message="The script's output has %d series,"
+                           " more than the limit of %d." % (series, limit))
+        return Outcome(Outcome.OK, body=data)
 
     def _starting(self) -> Outcome:
         if self.queued:

@@ -153,7 +153,7 @@ def world(tmp_path):
                                keepalive=keepalive, start_wait=start_wait,
                                stop_grace=stop_grace, workdir_root=str(tmp_path),
                                max_output=procfs.DEFAULT_MAX_BYTES, plan=None, cache=None,
-                               insecure_scripts=False)
+                               insecure_scripts=False, max_series=None)
         session = Session(script, config, clock=vt.clock, popen=popen or fake.popen,
                           wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
         sessions.append(session)
@@ -430,7 +430,7 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                            keepalive=1.0, start_wait=0.5, stop_grace=5.0,
                            workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
-                           plan=None, cache=None, insecure_scripts=False)
+                           plan=None, cache=None, insecure_scripts=False, max_series=None)
 
     def factory(script, config, clock, admit, start_slots):
         return Session(script, config, clock=clock, admit=admit, start_slots=start_slots,
