@@ -657,3 +657,33 @@ def test_start_time_counts_from_before_the_spawn(world):
     vt.advance(0.01)
     settle(lambda: s.state == "running", "running")
     assert start_seconds(s) == pytest.approx(0.06)
+
+
+def test_an_output_over_the_series_limit_is_refused_naming_both_numbers(world, caplog):
+    make, vt, fake, procfs_dir = world
+    s = make("wide-autostart.stp")
+    s.max_series = 2  # the session's limit, whatever set it
+    s.start()
+    spawned(fake, 1)
+    key = (("script", s.name),)
+    assert self_metrics(s)[("stap_exporter_script_series_limit", key)] == 2
+    write_output(procfs_dir, s, b"# HELP a x\na 1\nb 2\nc 3\n")
+    with caplog.at_level(logging.INFO, logger="stap-exporter"):
+        for _ in range(3):
+            outcome = s.scrape(5)
+            assert outcome.kind == Outcome.SERIES_LIMIT and not outcome.body
+            assert outcome.message == ("The script's output has 3 series, more than the limit"
+                                       " of 2.")
+        assert caplog.text.count("series-limit:") == 1  # logged once while it lasts
+        assert self_metrics(s)[("stap_exporter_script_series", key)] == 3
+        write_output(procfs_dir, s, b"a 1\nb 2\n")
+        outcome = s.scrape(5)
+        assert (outcome.kind, outcome.body) == (Outcome.OK, b"a 1\nb 2\n")
+        assert "output of 2 series is within the limit again" in caplog.text
+        assert self_metrics(s)[("stap_exporter_script_series", key)] == 2
+        write_output(procfs_dir, s, b"a 1\nb 2\nc 3\nd 4\n")
+        assert s.scrape(5).kind == Outcome.SERIES_LIMIT
+        assert caplog.text.count("is over the limit of 2") == 2  # over again: logged again
+    s.max_series = None
+    assert s.scrape(5).kind == Outcome.OK
+    assert ("stap_exporter_script_series_limit", key) not in self_metrics(s)
