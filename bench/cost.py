@@ -4,7 +4,7 @@ of a script and of /metrics on the code before them (a git revision,
 extracted with ``git archive``) and on this copy, without and with
 --bpf-stats; then, in this process, what each part costs once.
 
-    python3 bench/cost.py --baseline REV          # 5 s a cell, median of 3 runs
+    python3 bench/cost.py --baseline REV          # 5 s a cell, median of 5 runs
     python3 bench/cost.py --duration 3 --repeat 1 --no-real
 
 Cells (keep-alive clients, wrk when installed):
@@ -51,7 +51,7 @@ def main():
     ap = argparse.ArgumentParser(description="cost of the kernel-cost and series metrics")
     ap.add_argument("--baseline", help="git revision of the code before them (default: none)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds a cell (default 5)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs a cell; the median counts")
+    ap.add_argument("--repeat", type=int, default=5, help="runs a cell; the median counts")
     ap.add_argument("--connections", type=int, default=16, help="keep-alive clients (16)")
     ap.add_argument("--no-real", action="store_true", help="skip the real BPF-runtime part")
     args = ap.parse_args()
@@ -87,28 +87,35 @@ def main():
                 with open(os.path.join(real, "ticks%d.stp" % i), "w") as f:
                     f.write(REAL_SCRIPT + "// %d\n" % i)  # its own module each
 
-    def rps(url):
-        runs = sorted(C.run_load(url, args.connections, args.duration, threads=2).rps
-                      for _ in range(max(1, args.repeat)))
-        return runs[len(runs) // 2]
-
-    rows = []
+    # Every exporter runs at once and the cells take turns, run after run,
+    # so that a neighbour's load on a shared machine falls on all of them.
+    started = []
     for label, exporter, extra in codes:
         exp = C.Exporter(stand_ins, procfs, args=extra, exporter=exporter)
         for i in range(STAND_INS - 1):
             exp.get_until("/s%02d.stp" % i)
         exp.get_until("/wide.stp")
-        row = [label, "%.0f" % rps(exp.url + "/wide.stp"), "%.0f" % rps(exp.url + "/metrics")]
-        exp.stop()
+        urls = [exp.url + "/wide.stp", exp.url + "/metrics"]
+        rexp = None
         if wrapper:
             shim = os.path.join(os.path.dirname(wrapper), "setrlimit-shim.so")
             rexp = C.Exporter(real, REAL_PROCFS, args=extra, stap=wrapper,
                               env={"LD_PRELOAD": shim}, exporter=exporter)
             for i in range(REAL_SCRIPTS):
                 rexp.get_until("/ticks%d.stp" % i, timeout=120)
-            row.append("%.0f" % rps(rexp.url + "/metrics"))
+            urls.append(rexp.url + "/metrics")
+        started.append((label, urls, rexp))
+    runs = {(label, url): [] for label, urls, _ in started for url in urls}
+    for _ in range(max(1, args.repeat)):
+        for label, urls, _ in started:
+            for url in urls:
+                runs[label, url].append(C.run_load(url, args.connections, args.duration,
+                                                   threads=2).rps)
+    rows = []
+    for label, urls, rexp in started:
+        row = [label] + ["%.0f" % C.median(runs[label, url]) for url in urls]
+        if rexp is not None:
             row.append(in_process_costs(rexp) if label == "after" else "")
-            rexp.stop()
         rows.append(row)
         print("  " + "  ".join(row), flush=True)
 
