@@ -78,6 +78,12 @@ Options:
                             wrapper) at once, each until its output appears;
                             loading a kept module does not count; more are
                             queued and start in turn [default: 4].
+  --max-series N            Answer 502 instead of serving a script's output
+                            that holds more than N samples (default: no
+                            limit).
+  --bpf-stats               Turn the kernel's BPF run-time statistics on while
+                            the exporter runs, for each BPF script's probe
+                            time and run count.
   --max-connections N       At most N client connections at once; more get a
                             503 and are closed [default: 512].
   --max-connections-per-client N
@@ -138,6 +144,8 @@ class Config(NamedTuple):
     insecure_scripts: bool
     max_scripts: int
     max_starting: int
+    max_series: Optional[int]
+    bpf_stats: bool
     max_connections: int
     max_connections_per_client: int
     scrape_timeout: float
@@ -176,6 +184,9 @@ def parse(argv: List[str]) -> Config:
         scrape_timeout=_seconds("--scrape-timeout", args["--scrape-timeout"]),
         max_scripts=_count("--max-scripts", args["--max-scripts"]),
         max_starting=_count("--max-starting", args["--max-starting"]),
+        max_series=_count("--max-series", args["--max-series"])
+        if args["--max-series"] is not None else None,
+        bpf_stats=bool(args["--bpf-stats"]),
         max_connections=_count("--max-connections", args["--max-connections"]),
         max_connections_per_client=_count("--max-connections-per-client",
                                           args["--max-connections-per-client"]),

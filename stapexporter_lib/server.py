@@ -24,7 +24,7 @@ from gevent import socket as gsocket
 from . import __version__, cli
 from .logs import AccessLog, setup_logging
 from .offhub import in_pool
-from .scripts import output
+from .scripts import bpfstats, output
 from .scripts.build import ModuleCache, Plan
 from .scripts.catalog import Catalog
 from .scripts.manager import Manager
@@ -141,9 +141,10 @@ class Exporter:
             stap=config.stap, procfs_dirs=config.procfs_dirs, keepalive=config.keepalive,
             start_wait=START_WAIT, stop_grace=config.stop_timeout,
             workdir_root=tempfile.gettempdir(), max_output=output.DEFAULT_MAX_BYTES,
-            plan=Plan(config.stap), cache=self.module_cache, insecure_scripts=config.insecure_scripts),
+            plan=Plan(config.stap), cache=self.module_cache, insecure_scripts=config.insecure_scripts,
+            max_series=config.max_series),
             max_running=config.max_scripts, max_starting=config.max_starting)
-        self.metrics = SelfMetrics(self.manager)
+        self.metrics = SelfMetrics(self.manager, bpf_stats=config.bpf_stats)
         self.web = None
         self._tls_args: dict = {}
         auth = None
@@ -160,7 +161,7 @@ class Exporter:
             self._tls_args = webconfig.wrap_socket_args(self.web)
         self.app = App(self.manager, default_timeout=config.scrape_timeout,
                        metrics=self.metrics, validate=config.validate, auth=auth,
-                       advertise=config.advertise_address)
+                       advertise=config.advertise_address, bpf_stats=config.bpf_stats)
         self.server: Optional[Server] = None
         self._stopping = gevent.event.Event()
 
@@ -176,6 +177,25 @@ class Exporter:
         else:
             log.info("socket-activation: serving the listening socket systemd passed;"
                      " --port and --listen are not used")
+        stats_off = self._bpf_stats_on() if self.config.bpf_stats else None
+        try:
+            return self._serve(listener)
+        finally:
+            if stats_off is not None:
+                stats_off()
+
+    @staticmethod
+    def _bpf_stats_on():
+        """--bpf-stats: the kernel's BPF statistics on; the function that
+        turns them off again.  Raises StartupError."""
+        try:
+            how, stats_off = bpfstats.enable_stats()
+        except bpfstats.StatsError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("bpf-stats: the kernel's BPF run-time statistics are on: %s", how)
+        return stats_off
+
+    def _serve(self, listener) -> int:
         set_child_subreaper()
         sweep_leftovers(self.config.procfs_dirs, spare=[self.config.cache_dir])
         self.module_cache.setup()

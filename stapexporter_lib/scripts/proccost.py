@@ -4,24 +4,27 @@ A script runs in its own process group (the session spawns it with
 ``start_new_session``), so its cost is the sum over every process whose
 process group id is the script's pid: stap, its loader (stapbpf, staprun),
 a wrapper's children.  ``group_costs`` reads ``PROC/PID/stat`` of every
-process once per call and sums the figures per group.
+process once per call and sums the figures per group; what the group costs
+the kernel (``bpfstats``) is read in the same pass.
 
-The proc root is a parameter (as in prometheus_client's ``ProcessCollector``)
-so tests can point it at a fixture tree.  ``group_costs`` does plain blocking
-file reads; ``measure`` runs it in the gevent hub's thread pool, for callers
-in greenlets.
+The proc and sysfs roots are parameters (as in prometheus_client's
+``ProcessCollector``) so tests can point them at fixture trees.
+``group_costs`` does plain blocking file reads; ``measure`` runs it in the
+gevent hub's thread pool, for callers in greenlets.
 
-Owns reading a process group's CPU time and memory from /proc.  Must not
-know about sessions, HTTP or metrics, or signal anything.
+Owns reading a process group's CPU time and memory from /proc, with its
+kernel cost.  Must not know about sessions, HTTP or metrics, or signal
+anything.
 """
 
 import os
 import time
-from typing import Dict, Iterable, NamedTuple, Optional
+from typing import Dict, Iterable, Mapping, NamedTuple, Optional
 
 import gevent.event
 
 from ..offhub import in_pool
+from . import bpfstats
 
 DEFAULT_PROC = "/proc"
 
@@ -56,6 +59,7 @@ class Cost(NamedTuple):
     cpu_seconds: float     # user+system, including children its members reaped
     resident_bytes: int    # sum of the members' resident set sizes
     processes: int         # how many processes were counted
+    kernel: Optional[bpfstats.KernelCost] = None  # its BPF programs and maps, or module
 
 
 def parse_stat(text: str) -> Optional[tuple]:
@@ -82,10 +86,13 @@ def _read_stat(proc: str, pid: str) -> Optional[str]:
         return None
 
 
-def group_costs(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cost]:
-    """The cost of each process group in PGIDS, from one pass over PROC.
-    A group with no live process is absent from the result.  Never raises
-    for processes that vanish or stat lines that do not parse."""
+def group_costs(pgids: Iterable[int], proc: str = DEFAULT_PROC,
+                modules: Optional[Mapping[int, str]] = None, sys: str = bpfstats.DEFAULT_SYS
+                ) -> Dict[int, Cost]:
+    """The cost of each process group in PGIDS, from one pass over PROC
+    (MODULES: the kernel module of a group's script, by pgid).  A group with
+    no live process is absent from the result.  Never raises for processes
+    that vanish or stat lines that do not parse."""
     wanted = set(pgids)
     totals: Dict[int, list] = {}
     if not wanted:
@@ -101,11 +108,13 @@ def group_costs(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cos
         parsed = parse_stat(text) if text is not None else None
         if parsed is None or parsed[0] not in wanted:
             continue
-        total = totals.setdefault(parsed[0], [0.0, 0, 0])
+        total = totals.setdefault(parsed[0], [0.0, 0, []])
         total[0] += parsed[1]
         total[1] += parsed[2]
-        total[2] += 1
-    return {pgid: Cost(cpu, rss, n) for pgid, (cpu, rss, n) in totals.items()}
+        total[2].append(entry)
+    return {pgid: Cost(cpu, rss, len(pids),
+                       bpfstats.kernel_cost(pids, (modules or {}).get(pgid), proc, sys))
+            for pgid, (cpu, rss, pids) in totals.items()}
 
 
 # How long one pass over /proc answers for: the index page and /metrics
@@ -113,17 +122,18 @@ def group_costs(pgids: Iterable[int], proc: str = DEFAULT_PROC) -> Dict[int, Cos
 # more than once per MAX_AGE seconds.
 MAX_AGE = 1.0
 
-_last = {}  # (proc, pgids) -> (monotonic time, result or AsyncResult in flight)
+_last = {}  # (proc, sys, groups) -> (monotonic time, result or AsyncResult in flight)
 
 
-def measure(pgids: Iterable[int], proc: str = DEFAULT_PROC,
-            clock=time.monotonic) -> Dict[int, Cost]:
-    """``group_costs`` run in the gevent hub's thread pool, so that a greenlet
+def measure(modules: Mapping[int, str], proc: str = DEFAULT_PROC,
+            sys: str = bpfstats.DEFAULT_SYS, clock=time.monotonic) -> Dict[int, Cost]:
+    """``group_costs`` of the groups MODULES names (pgid -> the kernel module
+    of its script) run in the gevent hub's thread pool, so that a greenlet
     answering a request never blocks the hub on hundreds of file reads; one
     pass at a time and at most one per MAX_AGE seconds for the same groups
     (callers meanwhile share its result)."""
-    key = (proc, frozenset(pgids))
-    if not key[1]:
+    key = (proc, sys, frozenset(modules.items()))
+    if not key[2]:
         return {}
     now = clock()
     entry = _last.get(key)
@@ -134,7 +144,7 @@ def measure(pgids: Iterable[int], proc: str = DEFAULT_PROC,
     _last.clear()  # only the newest set of groups is worth keeping
     _last[key] = (now, flight)
     try:
-        result = in_pool(group_costs, list(key[1]), proc)
+        result = in_pool(group_costs, list(modules), proc, dict(modules), sys)
     except BaseException as exc:
         _last.pop(key, None)
         flight.set_exception(exc)

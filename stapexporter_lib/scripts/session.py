@@ -118,6 +118,7 @@ class SessionConfig(NamedTuple):
     plan: Optional[build.Plan]          # None: plain scripts run through the stap driver
     cache: Optional[build.ModuleCache]  # compiled modules kept (None: none)
     insecure_scripts: bool              # skip the script trust checks (--insecure-scripts)
+    max_series: Optional[int]           # --max-series (None: no limit)
 
 
 class Outcome:
@@ -128,6 +129,7 @@ class Outcome:
     FAILED = "failed"        # the script exited with an error: MESSAGE says why
     UNAVAILABLE = "unavailable"  # running, but its output could not be read
     BUSY = "busy"            # not started: a cap on running or starting scripts
+    SERIES_LIMIT = "series_limit"  # the output holds more samples than the limit
     # Refusals (trust.py): MESSAGE names the path and the reason.
     UNTRUSTED = "untrusted_output"  # the output path is not trusted: nothing read
     FORBIDDEN = "untrusted_script"  # the script file is not trusted: not started
@@ -275,6 +277,7 @@ class Session:
         self._backoff = Backoff()
         self._refusals_logged = set()  # trust refusals logged (once per cause)
         self._driver_reason: Optional[str] = None  # why this script now runs the driver way
+        self._over_limit = False               # the last output read was over it (logged)
 
     # -- what the index page and the self-metrics read ----------------------
 
@@ -299,6 +302,17 @@ class Session:
     @property
     def last_output_bytes(self) -> int:
         return self._run.reader.last_output_bytes
+
+    @property
+    def last_series(self) -> int:
+        return self._run.reader.last_series
+
+    @property
+    def max_series(self) -> Optional[int]:
+        """The most samples an output served may hold (None: no limit): as
+        the file sets it, else --max-series."""
+        own = self.settings.max_series
+        return self.config.max_series if own is None else own
 
     @property
     def output_read(self) -> bool:
@@ -334,7 +348,7 @@ class Session:
         is --scrape-timeout."""
         own = self.settings
         return describe_settings(self.keepalive, self.autostart,
-                                 own.scrape_timeout or scrape_timeout, own.max_series)
+                                 own.scrape_timeout or scrape_timeout, self.max_series)
 
     @property
     def live(self) -> bool:
@@ -531,7 +545,7 @@ class Session:
                 else:
                     if self.serving:
                         self._output_ok()
-                    return Outcome(Outcome.OK, body=data)
+                    return self._limit_series(data, run.reader.last_series)
             if not self.serving:
                 # It exited (or is being stopped) while we waited.
                 return self._scrape(timeout) if self.state != STOPPED else self._starting()
@@ -542,6 +556,26 @@ class Session:
                 return unavailable("The script is running but its output file"
                                    " (%s/__prometheus) is missing." % run.module)
             self._os.wait([self._changed], min(LOCATE_INTERVAL, remaining))
+
+    def _limit_series(self, data: bytes, series: int) -> Outcome:
+        """DATA as the answer, unless it holds more samples (SERIES) than
+        ``max_series``: then a refusal naming both numbers (logged once
+        until an output falls back under the limit)."""
+        limit = self.max_series
+        over = limit is not None and series > limit
+        if over != self._over_limit:
+            self._over_limit = over
+            if over:
+                log.warning("series-limit: script=%s output of %d series is over the limit of"
+                            " %d; not served until it falls back under", self.name, series,
+                            limit)
+            else:
+                log.info("series-limit: script=%s output of %d series is within the limit"
+                         " again", self.name, series)
+        if over:
+            return Outcome(Outcome.SERIES_LIMIT, message="The script's output has %d series,"
+                           " more than the limit of %d." % (series, limit))
+        return Outcome(Outcome.OK, body=data)
 
     def _starting(self) -> Outcome:
         if self.queued:

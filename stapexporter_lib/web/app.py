@@ -95,7 +95,7 @@ class App:
     def __init__(self, manager, default_timeout: float, validate: bool,
                  clock: Callable[[], float] = time.monotonic, metrics=None, auth=None,
                  advertise: Optional[str] = None, proc: str = proccost.DEFAULT_PROC,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, bpf_stats: bool = False):
         self.manager = manager
         self.advertise = advertise  # HOST:PORT for /targets, overriding the Host header
         self.proc = proc
@@ -106,7 +106,9 @@ class App:
         self.metrics = metrics
         self.validate = validate
         self.auth = auth
+        self.bpf_stats = bpf_stats  # the kernel's BPF statistics are on: probe time shown
         self._host_log = logs.Throttle()
+        self._probe_looks: Dict[str, tuple] = {}  # script -> what probe_share remembers
 
     def __call__(self, environ, start_response):
         status, headers, body = self.respond(environ)
@@ -194,6 +196,8 @@ class App:
             return text_response(403, "Script refused: %s" % message)
         if outcome.kind == Outcome.BUSY:
             return text_response(503, "Too busy to start the script: %s" % message, extra)
+        if outcome.kind == Outcome.SERIES_LIMIT:
+            return text_response(502, "Too many series: %s" % message)
         return text_response(503, "Script output unavailable: %s" % message, extra)
 
     def _timeout(self, environ, own: Optional[float] = None) -> float:
@@ -272,17 +276,24 @@ class App:
 
     def index(self, environ) -> Response:
         sessions = self.manager.all()
-        costs = proccost.measure([s.pid for s in sessions if s.pid], self.proc)
+        costs = proccost.measure({s.pid: s.script.module for s in sessions if s.pid}, self.proc)
         now = self.wall_clock()
-        rows = [self._row(s, costs.get(s.pid) if s.pid else None, now) for s in sessions]
+        looks, self._probe_looks = self._probe_looks, {}
+        rows = [self._row(s, costs.get(s.pid) if s.pid else None, now, looks) for s in sessions]
         page = indexpage.Page(__version__, self.manager.catalog.directory,
                               self.manager.catalog.last_error, rows)
         if "text/html" in environ.get("HTTP_ACCEPT", ""):
             return "200 OK", [("Content-Type", CONTENT_TYPE_HTML)], indexpage.render_html(page)
         return "200 OK", [("Content-Type", CONTENT_TYPE_TEXT)], indexpage.render_text(page)
 
-    def _row(self, s: Session, cost: Optional[proccost.Cost], now: float) -> indexpage.ScriptRow:
+    def _row(self, s: Session, cost: Optional[proccost.Cost], now: float,
+             looks: Dict[str, tuple]) -> indexpage.ScriptRow:
         scraped = self.last_scrape.get(s.name)
+        kernel = cost.kernel if cost else None
+        share = None
+        if self.bpf_stats and kernel is not None and kernel.bpf:
+            share, self._probe_looks[s.name] = probe_share(
+                looks.get(s.name), s.pid, s.started_at, self.clock(), kernel.probe_seconds)
         return indexpage.ScriptRow(
             name=s.name, state=s.state, pid=s.pid, uptime=s.uptime(), starts=s.starts,
             scraped_ago=None if scraped is None else now - scraped,
@@ -291,7 +302,28 @@ class App:
             resident_bytes=cost.resident_bytes if cost else None,
             last_error=s.last_error, stderr_tail=list(s.stderr_tail), retry_in=s.retry_in(),
             queued=s.queued, settings=s.settings_text(self.default_timeout),
-            edit_error=s.edit_error, edit_stderr=s.edit_stderr)
+            edit_error=s.edit_error, edit_stderr=s.edit_stderr, probe_share=share,
+            kernel_bytes=kernel.memory_bytes if kernel else None,
+            series=s.last_series if s.last_output_bytes else None)
+
+
+# The index's probe time is the growth over at least this many seconds.
+PROBE_WINDOW = 10.0
+
+
+def probe_share(looks, pid: int, started_at: Optional[float], now: float, seconds: float):
+    """(probe time as a share of a CPU, what to remember for the next look):
+    the growth of SECONDS since a look at least PROBE_WINDOW ago, or since
+    the run began (STARTED_AT) while no such look exists.  LOOKS is what the
+    last look of the same script remembered, or None."""
+    if looks is None or looks[0] != pid:
+        since = started_at if started_at is not None else now
+        looks = (pid, (since, 0.0), (since, 0.0))
+    _pid, base, anchor = looks
+    if now - anchor[0] >= PROBE_WINDOW:
+        base, anchor = anchor, (now, seconds)
+    elapsed = now - base[0]
+    return ((seconds - base[1]) / elapsed if elapsed > 0 else None), (pid, base, anchor)
 
 
 ROUTES = {"/metrics": "self_metrics", "/-/healthy": "healthy", "/-/ready": "ready",

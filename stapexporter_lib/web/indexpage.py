@@ -47,6 +47,9 @@ class ScriptRow(NamedTuple):
     settings: str = ""             # in effect: "keepalive=600 autostart=yes ..."
     edit_error: Optional[str] = None  # why the last edit of the file did not take over
     edit_stderr: Sequence[str] = ()   # and its last lines of standard error
+    probe_share: Optional[float] = None  # its BPF programs' run time, a share of a CPU
+    kernel_bytes: Optional[int] = None   # its BPF programs' and maps' memory, or module's
+    series: Optional[int] = None   # samples in its last output read
 
 
 class Page(NamedTuple):
@@ -90,6 +93,11 @@ def cpu(seconds: Optional[float]) -> str:
     return "-" if seconds is None else "%.2fs" % seconds
 
 
+def share(fraction: Optional[float]) -> str:
+    """A share of a CPU as a percentage: 0.25%; '-' for None."""
+    return "-" if fraction is None else "%.2f%%" % (fraction * 100)
+
+
 def output_cell(row: ScriptRow) -> str:
     """The last output's size; ``unread`` while the running process's output
     exists but no request has read it yet."""
@@ -116,6 +124,8 @@ def _cells(row: ScriptRow) -> List[str]:
     return [escape_line(row.name), row.state, str(row.pid) if row.pid else "-",
             duration(row.uptime), str(row.starts), duration(row.scraped_ago),
             output_cell(row), cpu(row.cpu_seconds), size(row.resident_bytes),
+            share(row.probe_share), size(row.kernel_bytes),
+            "-" if row.series is None else str(row.series),
             ",".join(row.settings.split()) or "-"]
 
 
@@ -131,7 +141,7 @@ def _stderr_sections(row: ScriptRow) -> List[Tuple[str, Sequence[str]]]:
 
 
 HEADER = ("SCRIPT", "STATE", "PID", "UPTIME", "STARTS", "SCRAPED", "OUTPUT", "CPU", "MEMORY",
-          "SETTINGS", "LAST ERROR")
+          "PROBE", "KMEM", "SERIES", "SETTINGS", "LAST ERROR")
 LINKS = ("/NAME.stp", "/metrics", "/targets", "/-/healthy", "/-/ready")
 
 
@@ -197,7 +207,8 @@ td.err{grid-column:1/-1;display:block}td.err::before{display:block}td.err.na{dis
 
 _COLUMNS = (("script", "name"), ("state", ""), ("pid", "num"), ("uptime", "num"),
             ("starts", "num"), ("last scrape", "num"), ("output", "num"), ("CPU", "num"),
-            ("memory", "num"), ("settings", "settings"), ("last error", "err"))
+            ("memory", "num"), ("probe", "num"), ("kernel memory", "num"), ("series", "num"),
+            ("settings", "settings"), ("last error", "err"))
 
 
 def _h(text: str) -> str:
@@ -222,8 +233,7 @@ def _html_row(row: ScriptRow) -> str:
     href = html.escape(quote(row.name, safe="", errors="surrogateescape"))
     contents = ['<a href="%s">%s</a>' % (href, _h(row.name)),
                 '<span class="state %s">%s</span>' % (row.state, _h(row.state)),
-                cells[2], cells[3], cells[4], ago, cells[6], cells[7], cells[8],
-                _h(row.settings) or "-", error]
+                *cells[2:5], ago, *cells[6:12], _h(row.settings) or "-", error]
     return '<tr class="script-row">%s</tr>' % ("".join(
         _td(label, css, content) for (label, css), content in zip(_COLUMNS, contents)))
 

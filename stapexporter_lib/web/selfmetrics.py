@@ -2,8 +2,9 @@
 
 A registry of our own (not the library's global default).  Per-script state
 (up, the state as a one-hot gauge over every state, whether the output has
-been read, starts, exits, restarts, output size) and cost (CPU time and memory of
-the script's process group, read from ``/proc`` by ``proccost``) are read
+been read, starts, exits, restarts, output size, series) and cost (CPU time and
+memory of the script's process group, read from ``/proc`` by ``proccost``; its
+BPF programs' run time and memory or its kernel module's size) are read
 when ``/metrics`` is scraped, so keeping them costs the hot path nothing;
 only the scrape duration histogram, the error counter and the start-up
 histogram are updated per request.
@@ -67,6 +68,11 @@ LIFECYCLE_FAMILIES = (
     (CounterMetricFamily, "stap_exporter_script_reload_failures",
      "Edits of the running script's file whose new version did not take over (refused, a"
      " wrong setting, or it failed to compile or start); the running version went on.", ()),
+    (GaugeMetricFamily, "stap_exporter_script_series",
+     "Samples in the script's last output read (served, or refused over the series limit).",
+     ()),
+    (GaugeMetricFamily, "stap_exporter_script_series_limit",
+     "The most samples an output of the script may hold to be served (absent: no limit).", ()),
 )
 COST_FAMILIES = (
     (CounterMetricFamily, "stap_exporter_script_cpu_seconds",
@@ -77,6 +83,20 @@ COST_FAMILIES = (
     (GaugeMetricFamily, "stap_exporter_script_start_seconds",
      "Seconds from spawn to the appearance of the output (compile plus load) of the"
      " script's last start that produced output.", ()),
+    (GaugeMetricFamily, "stap_exporter_script_bpf_memory_bytes",
+     "Memory locked by the BPF programs and maps of the script's running processes (their"
+     " memlock), in bytes.", ()),
+    (GaugeMetricFamily, "stap_exporter_script_module_bytes",
+     "Size of the running script's kernel module (kernel runtime), in bytes.", ()),
+)
+# Only with --bpf-stats: without the kernel's statistics the figures stand still.
+PROBE_FAMILIES = (
+    (CounterMetricFamily, "stap_exporter_script_probe_seconds",
+     "Time the kernel spent running the BPF programs of the script's running processes;"
+     " starts again from 0 with each run.", ()),
+    (CounterMetricFamily, "stap_exporter_script_probe_runs",
+     "Runs of the BPF programs of the script's running processes; starts again from 0 with"
+     " each run.", ()),
 )
 
 
@@ -88,9 +108,10 @@ def _families(table):
 class SessionCollector:
     """Per-script lifecycle metrics, read from the manager's sessions."""
 
-    def __init__(self, manager, proc: str = proccost.DEFAULT_PROC):
+    def __init__(self, manager, proc: str = proccost.DEFAULT_PROC, bpf_stats: bool = False):
         self.manager = manager
         self.proc = proc
+        self.bpf_stats = bpf_stats
         # script -> (pid, highest CPU seen): a counter must not go down while
         # the same run goes on (a member reaped outside the group takes its
         # time with it); a new run (new pid) starts from its own figure.
@@ -101,8 +122,8 @@ class SessionCollector:
         return self._lifecycle(sessions) + self._costs(sessions)
 
     def _lifecycle(self, sessions):
-        up, state, read, starts, restarts, exits, size, queued, reload_failures = \
-            _families(LIFECYCLE_FAMILIES)
+        up, state, read, starts, restarts, exits, size, queued, reload_failures, series, limit \
+            = _families(LIFECYCLE_FAMILIES)
         for s in sessions:
             name = s.name
             up.add_metric([name], 1 if s.state == RUNNING else 0)
@@ -116,12 +137,17 @@ class SessionCollector:
             size.add_metric([name], s.last_output_bytes)
             queued.add_metric([name], 1 if s.queued else 0)
             reload_failures.add_metric([name], s.edit_failures)
-        return [up, state, read, starts, restarts, exits, size, queued, reload_failures]
+            series.add_metric([name], s.last_series)
+            if s.max_series is not None:
+                limit.add_metric([name], s.max_series)
+        return [up, state, read, starts, restarts, exits, size, queued, reload_failures, series,
+                limit]
 
     def _costs(self, sessions):
-        cpu, memory, start = _families(COST_FAMILIES)
+        cpu, memory, start, bpf_memory, module = _families(COST_FAMILIES)
+        probe_seconds, probe_runs = _families(PROBE_FAMILIES)
         live = {s.pid: s for s in sessions if s.pid}
-        costs = proccost.measure(live, self.proc)
+        costs = proccost.measure({pid: s.script.module for pid, s in live.items()}, self.proc)
         seen = {}
         for pid, cost in costs.items():
             name = live[pid].name
@@ -130,20 +156,28 @@ class SessionCollector:
             seen[name] = (pid, value)
             cpu.add_metric([name], value)
             memory.add_metric([name], cost.resident_bytes)
+            kernel = cost.kernel
+            if kernel is not None and kernel.bpf:
+                bpf_memory.add_metric([name], kernel.memory_bytes)
+                probe_seconds.add_metric([name], kernel.probe_seconds)
+                probe_runs.add_metric([name], kernel.probe_runs)
+            elif kernel is not None:
+                module.add_metric([name], kernel.memory_bytes)
         self._cpu_seen = seen
         for s in sessions:
             seconds = start_seconds(s)
             if seconds is not None:
                 start.add_metric([s.name], seconds)
-        return [cpu, memory, start]
+        families = [cpu, memory, start, bpf_memory, module]
+        return families + [probe_seconds, probe_runs] if self.bpf_stats else families
 
 
 class SelfMetrics:
     """The registry and the per-request instruments."""
 
-    def __init__(self, manager, registry=None):
+    def __init__(self, manager, registry=None, bpf_stats: bool = False):
         self.registry = registry or CollectorRegistry()
-        self.registry.register(SessionCollector(manager))
+        self.registry.register(SessionCollector(manager, bpf_stats=bpf_stats))
         ProcessCollector(registry=self.registry)
         Info("stap_exporter_build", "stap-exporter's version.",
              registry=self.registry).info({"version": __version__})
@@ -154,7 +188,8 @@ class SelfMetrics:
         self.scrape_errors = Counter(
             "stap_exporter_scrape_errors",
             "Requests for a script that got no metrics, by reason: not_ready, failed,"
-            " unavailable, invalid, busy, untrusted_output, untrusted_script, bad_settings.",
+            " unavailable, invalid, busy, series_limit, untrusted_output, untrusted_script,"
+            " bad_settings.",
             ["script", "reason"], registry=self.registry)
         self.start_duration = Histogram(
             "stap_exporter_script_start_duration_seconds",

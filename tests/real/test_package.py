@@ -35,6 +35,7 @@ DEFAULTS = "/etc/default/stap-exporter"
 SYSCONFIG = "/etc/sysconfig/stap-exporter"
 INIT = "/etc/init.d/stap-exporter"
 PRIVATE = "/usr/share/stap-exporter"
+RULES = PRIVATE + "/stap-exporter.rules.yml"  # Prometheus rules for the self-metrics
 EXAMPLES = "/usr/share/doc/stap-exporter/examples"
 PIDFILE = "/run/stap-exporter.pid"
 LOGFILE = "/var/log/stap-exporter.log"
@@ -221,7 +222,7 @@ def test_contents(builds, unpacked):
     assert EXAMPLES + "/bpf/" + EXAMPLE in paths
     for path in ("/usr/share/man/man8/stap-exporter.8.gz", DEFAULTS, INIT,
                  "/etc/logrotate.d/stap-exporter", "/usr/share/doc/stap-exporter/README.md.gz",
-                 PRIVATE + "/stap-exporter", PRIVATE + "/stapexporter.py"):
+                 PRIVATE + "/stap-exporter", PRIVATE + "/stapexporter.py", RULES):
         assert path in paths, "%s not in the package" % path
     for unit in UNITS:
         assert "/lib/systemd/system/" + unit in paths, "no %s" % unit
@@ -561,6 +562,7 @@ def test_rpm_contents_and_scriptlets(builds, rpm, tmp_path):
     assert flags["/etc/sysconfig/stap-exporter"] == "cn", "not %config(noreplace)"
     for unit in UNITS:
         assert "/usr/lib/systemd/system/" + unit in flags
+    assert RULES in flags
     scripts = query("--scripts")
     assert re.search(r"preuninstall.*\n.*\$1 -eq 0.*disable --now stap-exporter.service "
                      r"stap-exporter.socket", scripts), scripts

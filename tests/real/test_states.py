@@ -13,6 +13,7 @@ import pytest
 
 from conftest import wait_for, write_script
 from stapexporter_lib.states import ALL_STATES
+from stapexporter_lib.web.indexpage import HEADER
 from test_realstap_e2e import (COMPILE_TIMEOUT, TICKS, rs, samples, scripts,  # noqa: F401
                                start, write)
 
@@ -24,7 +25,7 @@ def index_row(exp, name):
     for line in exp.get("/").text.split("\n\n")[0].splitlines()[2:]:
         cols = line.split()
         if cols and cols[0] == name:
-            return cols[1], cols[2], cols[6], " ".join(cols[9:])
+            return cols[1], cols[2], cols[6], " ".join(cols[len(HEADER) - 1:])
     raise AssertionError("%s not on the index" % name)
 
 

@@ -57,6 +57,8 @@ def test_version():
     (["--stap", ""], ["--stap", "empty"]),
     (["--stop-timeout", "0"], ["--stop-timeout", "positive"]),
     (["--no-such-option"], ["invalid arguments", "--help"]),
+    (["--max-series", "0"], ["--max-series", "at least 1"]),
+    (["--max-series", "many"], ["--max-series", "'many'", "not a whole number"]),
 ])
 def test_bad_values(tmp_path, args, fragments):
     assert_one_line_error(run("-s", str(tmp_path), *args), *fragments)
@@ -118,6 +120,7 @@ def test_defaults(tmp_path):
     assert config.stap == ["stap"]
     assert config.procfs_dirs[0] == "/proc/systemtap"
     assert config.procfs_dirs[1].startswith("/var/tmp/systemtap-")
+    assert config.max_series is None and config.bpf_stats is False
 
 
 def test_stap_command_is_split_like_a_shell(tmp_path):

@@ -294,7 +294,7 @@ def self_metric_names():
         def all(self):
             return []
     names = {}
-    for family in SelfMetrics(NoSessions()).registry.collect():
+    for family in SelfMetrics(NoSessions(), bpf_stats=True).registry.collect():
         if family.name.startswith("process_"):
             continue
         suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")

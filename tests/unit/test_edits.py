@@ -212,7 +212,8 @@ def test_an_edits_start_counts_under_max_starting(world, tmp_path):
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                            keepalive=None, start_wait=1.0, stop_grace=5.0,
                            workdir_root=str(tmp_path), max_output=output.DEFAULT_MAX_BYTES,
-                           plan=None, cache=None, insecure_scripts=False)
+                           plan=None, cache=None, insecure_scripts=False,
+                           max_series=None)
     a, b = [Session(Script(name, str(tmp_path / name), "stapexp_1_" + name[0]), config,
                     clock=vt.clock, popen=fake.popen, wait=vt.wait, killpg=fake.killpg,
                     kill=fake.kill, start_slots=slots) for name in ("a.stp", "b.stp")]

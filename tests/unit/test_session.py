@@ -153,7 +153,7 @@ def world(tmp_path):
                                keepalive=keepalive, start_wait=start_wait,
                                stop_grace=stop_grace, workdir_root=str(tmp_path),
                                max_output=procfs.DEFAULT_MAX_BYTES, plan=None, cache=None,
-                               insecure_scripts=False)
+                               insecure_scripts=False, max_series=None)
         session = Session(script, config, clock=vt.clock, popen=popen or fake.popen,
                           wait=vt.wait, killpg=fake.killpg, kill=fake.kill)
         sessions.append(session)
@@ -430,7 +430,7 @@ def test_manager_queues_starts_over_max_starting(world, tmp_path):
     config = SessionConfig(stap=["/nonexistent/stap"], procfs_dirs=[str(procfs_dir)],
                            keepalive=1.0, start_wait=0.5, stop_grace=5.0,
                            workdir_root=str(tmp_path), max_output=procfs.DEFAULT_MAX_BYTES,
-                           plan=None, cache=None, insecure_scripts=False)
+                           plan=None, cache=None, insecure_scripts=False, max_series=None)
 
     def factory(script, config, clock, admit, start_slots):
         return Session(script, config, clock=clock, admit=admit, start_slots=start_slots,
@@ -659,3 +659,41 @@ def test_start_time_counts_from_before_the_spawn(world):
     vt.advance(0.01)
     settle(lambda: s.state == "running", "running")
     assert start_seconds(s) == pytest.approx(0.06)
+
+
+def test_an_output_over_the_series_limit_is_refused_naming_both_numbers(world, caplog):
+    make, vt, fake, procfs_dir = world
+    s = make("wide-autostart.stp")
+    with open(s.script.path, "w") as f:
+        f.write("# stap-exporter: max-series=2\nprobe begin {}\n")
+    s.start()
+    spawned(fake, 1)
+    key = (("script", s.name),)
+    assert self_metrics(s)[("stap_exporter_script_series_limit", key)] == 2
+    write_output(procfs_dir, s, b"# HELP a x\na 1\nb 2\nc 3\n")
+    with caplog.at_level(logging.INFO, logger="stap-exporter"):
+        for _ in range(3):
+            outcome = s.scrape(5)
+            assert outcome.kind == Outcome.SERIES_LIMIT and not outcome.body
+            assert outcome.message == ("The script's output has 3 series, more than the limit"
+                                       " of 2.")
+        assert caplog.text.count("series-limit:") == 1  # logged once while it lasts
+        assert self_metrics(s)[("stap_exporter_script_series", key)] == 3
+        write_output(procfs_dir, s, b"a 1\nb 2\n")
+        outcome = s.scrape(5)
+        assert (outcome.kind, outcome.body) == (Outcome.OK, b"a 1\nb 2\n")
+        assert "output of 2 series is within the limit again" in caplog.text
+        assert self_metrics(s)[("stap_exporter_script_series", key)] == 2
+        write_output(procfs_dir, s, b"a 1\nb 2\nc 3\nd 4\n")
+        assert s.scrape(5).kind == Outcome.SERIES_LIMIT
+        assert caplog.text.count("is over the limit of 2") == 2  # over again: logged again
+
+
+def test_without_a_series_limit_none_is_published_and_every_output_is_served(world):
+    make, vt, fake, procfs_dir = world
+    s = make("wide-autostart.stp")
+    s.start()
+    spawned(fake, 1)
+    write_output(procfs_dir, s, b"a 1\nb 2\nc 3\n")
+    assert s.scrape(5).kind == Outcome.OK
+    assert ("stap_exporter_script_series_limit", (("script", s.name),)) not in self_metrics(s)
