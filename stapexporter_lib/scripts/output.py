@@ -399,9 +399,10 @@ class OutputReader:
         then wait a moment for an exit to be noticed."""
         if run is None:
             return False
-        if not run.exited() and data and not data.endswith(b"\n"):
-            run.result.wait(EXIT_NOTICE)
-        return run.exited()
+        if not data or data.endswith(b"\n"):
+            return run.exited()
+        run.result.wait(EXIT_NOTICE)
+        return run.exited_unreaped()
 
     def _finish(self, data: bytes, pid: Optional[int]) -> bytes:
         """Complete the last line, add declared HELP/TYPE lines."""

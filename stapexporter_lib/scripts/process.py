@@ -160,6 +160,18 @@ class Process:
     def exited(self) -> bool:
         return self.proc.result.ready()
 
+    def exited_unreaped(self) -> bool:
+        """True once the process has exited, even while the hub has not yet
+        reaped it (on a busy machine the child watcher can lag well behind
+        the exit): the zombie is looked at without being reaped."""
+        if self.exited():
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped already, and then ``exited()`` says so
+            return self.exited()
+
     def spawn(self, argv: List[str], workdir: str) -> None:
         """Fork ARGV in WORKDIR (also its TMPDIR: stap's temporary files go
         there) and start pumping its output.  Raises OSError."""

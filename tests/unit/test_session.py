@@ -98,6 +98,8 @@ class FakeProc:
     def exited(self):
         return self.result.ready()
 
+    exited_unreaped = exited  # a fake has no zombie: its exit is seen at once
+
     def group_alive(self):
         return self.returncode is None or self.stragglers
 
