@@ -402,12 +402,13 @@ def test_cleanup_survives_deep_trees(dirs):
         deep_tree(built, DEPTH)
         assert exp.get_until("/deep.stp").status == 200
         os.rename(built, os.path.join(moddir, "nested"))  # at once, before the keepalive stop
-        exp.wait_log(r"event=stopped script=deep.stp", timeout=20)
-        assert not os.path.exists(moddir)
+        # The others meanwhile: the keepalive stops of deep.stp and nests.stp overlap.
+        assert exp.get_until("/nests.stp").status == 200
         deep_tree(str(procfs / (exp.module_prefix + "stale")), DEPTH)
         assert exp.get_until("/stale.stp").status == 200
         exp.wait_log(r"event=stale script=stale.stp msg=\"removed")
-        assert exp.get_until("/nests.stp").status == 200
+        exp.wait_log(r"event=stopped script=deep.stp", timeout=20)
+        assert not os.path.exists(moddir)
         exp.wait_log(r"event=stopped script=nests.stp", timeout=20)
         assert not [d for d in os.listdir(os.environ.get("TMPDIR", "/tmp"))
                     if d.startswith("stap-exporter.%d.%snests" % (exp.proc.pid,
