@@ -360,7 +360,8 @@ def test_fifo_never_written_does_not_delay_other_scripts(dirs, exporter_factory)
     scripts, _ = dirs
     write_script(scripts, "mute.stp", "mode=fifo never_write")
     write_script(scripts, "fine.stp")
-    exp = exporter_factory()
+    # The stuck scrapes give up after 2 s, still long after fine.stp's ten.
+    exp = exporter_factory(["--scrape-timeout", "2"])
     exp.get_until("/fine.stp")
     exp.get("/mute.stp")  # starts it
     wait_for(lambda: row(exp, "mute.stp")["state"] in ("starting", "running"))
