@@ -2,7 +2,8 @@
 headers slowly from many addresses, requests that exist to fill the log, and
 another user taking the port while the exporter is down (socket activation).
 (Wrong-password floods: test_auth_limits.py; that a verified password is
-remembered however long they last: tests/unit/test_webconfig.py.)"""
+remembered however long they last: tests/unit/test_webconfig.py; the
+deadline for dripped headers: tests/unit/test_http_server.py.)"""
 
 import http.client
 import os
@@ -162,28 +163,6 @@ def _drain(sock):
         return bool(sock.recv(65536))
     except ConnectionResetError:
         return False
-
-
-def test_request_headers_have_a_short_deadline(dirs, exporter_factory):
-    """A client that drips its headers gets 408 after ten seconds, though
-    idle keep-alive connections are kept for --header-timeout (30 s)."""
-    exp = exporter_factory()
-    with connect_from(exp, "127.0.0.1", timeout=20) as s:
-        t0 = time.monotonic()
-        s.sendall(b"GET /-/healthy HTTP/1.1\r\n")
-        s.settimeout(0.5)
-        sent = 0
-        data = b""
-        while time.monotonic() - t0 < 20:
-            try:
-                data = s.recv(65536)
-                break
-            except socket.timeout:
-                s.send(b"X-Slow: a\r\n"[sent % 11:sent % 11 + 1])
-                sent += 1
-        took = time.monotonic() - t0
-    assert data.startswith(b"HTTP/1.1 408 "), data[:200]
-    assert 9 < took < 13, took
 
 
 FLOODS = [
