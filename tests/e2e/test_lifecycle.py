@@ -196,7 +196,7 @@ def test_sigterm_stops_every_child_and_exits_zero(dirs, exporter_factory):
     exp = exporter_factory()
     exp.get_until("/a.stp")
     exp.get_until("/b.stp")
-    exp.get("/d.stp")
+    exp.get("/d.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.35"})  # starts it
     wait_for(lambda: len(exp.children()) >= 4, message="four children")
     # the autostart's own child (a 'sleep', like stapbpf under stap)
     group = os.getpgid(int(row(exp, "c-autostart.stp")["pid"]))
