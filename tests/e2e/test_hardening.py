@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (Exporter, pid_alive, processes_matching,
+from conftest import (Exporter, pid_alive, processes_matching, stop_and_check,
                       wait_for, write_script)
 from stapexporter_lib.states import ALL_STATES
 
@@ -419,14 +419,22 @@ MALFORMED_CLOSE = {"garbage", "binary", "one-word", "four-words", "bad-version",
                    "cl-and-te-identity"}
 
 
-@pytest.fixture
-def exporter(dirs, exporter_factory):
-    scripts, _ = dirs
+@pytest.fixture(scope="module")
+def exporter(tmp_path_factory):
+    """One exporter for the requests below, each of which it must survive:
+    a malformed request must not change how it answers the next one."""
+    base = tmp_path_factory.mktemp("malformed")
+    scripts, procfs = base / "scripts", base / "procfs"
+    scripts.mkdir()
+    procfs.mkdir()
     write_script(scripts, "quick.stp")
-    exp = exporter_factory(env={"STAPEXP_TEST_CANARY": "canary-8d1f0e55a7"})
-    exp.get_until("/quick.stp")
-    exp.settled_children(1)
-    return exp
+    exp = Exporter(scripts, procfs, env={"STAPEXP_TEST_CANARY": "canary-8d1f0e55a7"})
+    try:
+        exp.get_until("/quick.stp")
+        exp.settled_children(1)
+        yield exp
+    finally:
+        stop_and_check(exp)
 
 
 @pytest.mark.parametrize("name,payload,allowed", MALFORMED, ids=[c[0] for c in MALFORMED])
@@ -448,10 +456,11 @@ def test_malformed_requests(exporter, name, payload, allowed):
 
 @pytest.mark.parametrize("version", [b"HTTP/1", b"HTTP/11"])
 def test_http_version_without_a_dot_is_a_clean_400(exporter, version):
+    mark = len(exporter.log_lines)
     data, closed, _ = exchange(exporter, b"GET / " + version + b"\r\nHost: x\r\n\r\n",
                                shut_wr=True)
     assert status_of(data) == 400, data[:200]
-    exporter.wait_log(r'event=access .*" 400 ', timeout=5)
+    exporter.wait_log(r'event=access .*" 400 ', timeout=5, start=mark)
     assert "Traceback" not in exporter.log_text(), exporter.log_text()[-2000:]
 
 
@@ -507,8 +516,8 @@ def test_huge_content_length_on_get_is_not_drained(exporter):
 # -- 6. log injection and information leaks ---------------------------------------
 
 
-def test_log_injection_and_leaks(exporter, dirs):
-    scripts, _ = dirs
+def test_log_injection_and_leaks(exporter):
+    scripts = exporter.scripts
     write_script(scripts, "broken.stp", "fail")
     forged = "ts=2099-01-01T00:00:00.000 level=error event=forged"
     paths = [
@@ -570,7 +579,7 @@ def test_scrape_timeout_header(dirs, exporter_factory):
     scripts, _ = dirs
     write_script(scripts, "mute.stp", "mode=fifo never_write")
     write_script(scripts, "fifo.stp", "mode=fifo")
-    exp = exporter_factory(["--scrape-timeout", "2"])
+    exp = exporter_factory(["--scrape-timeout", "1.2"])
     # A running FIFO script whose writer then freezes (SIGSTOP): the scrape
     # waits for output until its deadline.
     exp.get_until("/fifo.stp")
@@ -579,15 +588,15 @@ def test_scrape_timeout_header(dirs, exporter_factory):
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        r = exp.get("/fifo.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.5"})
+        r = exp.get("/fifo.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.85"})
         took = time.monotonic() - t0
         assert r.status == 503, r
-        assert 1.0 <= took < 1.5, "answered after %.2fs" % took
+        assert 0.5 <= took < 0.85, "answered after %.2fs" % took
         t0 = time.monotonic()
         r = exp.get("/fifo.stp")
         took = time.monotonic() - t0
         assert r.status == 503, r
-        assert 1.9 <= took < 3.0, "--scrape-timeout 2: answered after %.2fs" % took
+        assert 1.1 <= took < 2.2, "--scrape-timeout 1.2: answered after %.2fs" % took
         # Nonsense values fall back to the default; tiny ones to the minimum.
         t0 = time.monotonic()
         r = exp.get("/fifo.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.01"})
@@ -603,20 +612,20 @@ def test_scrape_timeout_header(dirs, exporter_factory):
         run_threads([lambda b=b: scrape_bad(b) for b in bad_values], timeout=15)
         for bad in bad_values:
             status, took = got[bad]
-            assert status == 503 and took < 3.0, (bad, status, took)
+            assert status == 503 and 1.1 <= took < 2.2, (bad, status, took)
     finally:
         os.kill(pid, signal.SIGCONT)
     assert exp.get_until("/fifo.stp").status == 200
     # A FIFO script that never writes: 503 within the scraper's deadline.
-    exp.get("/mute.stp")
+    exp.get("/mute.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.35"})  # starts it
     t0 = time.monotonic()
-    r = exp.get("/mute.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.5"})
+    r = exp.get("/mute.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.85"})
     took = time.monotonic() - t0
     assert r.status == 503, r
-    assert 0.9 <= took < 1.5, "answered after %.2fs" % took
+    assert 0.5 <= took < 0.85, "answered after %.2fs" % took
     t0 = time.monotonic()
     assert exp.get("/mute.stp").status == 503
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 2.2
     assert_clean_log(exp)
 
 

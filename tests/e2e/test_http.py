@@ -6,19 +6,37 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import write_script
+from conftest import Exporter, stop_and_check, write_script
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@pytest.fixture
-def exporter(dirs, exporter_factory):
-    scripts, _ = dirs
+def write_scripts(scripts):
     write_script(scripts, "quick.stp", "compile=0")
     write_script(scripts, "slow.stp", "compile=30")
     write_script(scripts, "broken.stp", "fail")
     write_script(scripts, "fifo.stp", "mode=fifo")
+
+
+@pytest.fixture
+def exporter(dirs, exporter_factory):
+    write_scripts(dirs[0])
     return exporter_factory()
+
+
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory):
+    """One exporter for the requests that must start nothing: none does."""
+    base = tmp_path_factory.mktemp("untouched")
+    scripts, procfs = base / "scripts", base / "procfs"
+    scripts.mkdir()
+    procfs.mkdir()
+    write_scripts(scripts)
+    exp = Exporter(scripts, procfs)
+    try:
+        yield exp
+    finally:
+        stop_and_check(exp)
 
 
 def test_unknown_script_is_404(exporter):
@@ -105,11 +123,11 @@ def test_head_is_get_without_body(exporter):
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
-def test_other_methods_are_405(exporter, method):
-    r = exporter.request("/quick.stp", method=method)
+def test_other_methods_are_405(untouched, method):
+    r = untouched.request("/quick.stp", method=method)
     assert r.status == 405
     assert r.header("Allow") == "GET, HEAD"
-    assert not exporter.children(), "a 405 must not start the script"
+    assert not untouched.children(), "a 405 must not start the script"
 
 
 def test_index_plain_text(exporter):
@@ -158,10 +176,10 @@ def test_percent_encoding_is_decoded(exporter):
     "/%2fetc%2fpasswd.stp", "/quick.stp%00", "/.hidden.stp", "/..", "/quick.stp/",
     "/%5c..%5cquick.stp", "/" + "a" * 300 + ".stp", "/.stp", "/quick",
 ])
-def test_paths_outside_the_directory_are_404(exporter, path):
-    r = exporter.get(path)
+def test_paths_outside_the_directory_are_404(untouched, path):
+    r = untouched.get(path)
     assert r.status == 404, (path, r)
-    assert not exporter.children()
+    assert not untouched.children()
 
 
 def test_accepted_sockets_get_tcp_nodelay(monkeypatch):
@@ -192,7 +210,6 @@ def test_accepted_sockets_get_tcp_nodelay(monkeypatch):
                                             (None, "127.0.0.1"), (None, "::1")])
 def test_listen_addresses(dirs, listen, connect):
     import http.client
-    from conftest import Exporter
     scripts, procfs = dirs
     exp = Exporter(scripts, procfs, host=listen)
     try:

@@ -196,7 +196,7 @@ def test_sigterm_stops_every_child_and_exits_zero(dirs, exporter_factory):
     exp = exporter_factory()
     exp.get_until("/a.stp")
     exp.get_until("/b.stp")
-    exp.get("/d.stp")
+    exp.get("/d.stp", headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.35"})  # starts it
     wait_for(lambda: len(exp.children()) >= 4, message="four children")
     # the autostart's own child (a 'sleep', like stapbpf under stap)
     group = os.getpgid(int(row(exp, "c-autostart.stp")["pid"]))
@@ -360,7 +360,8 @@ def test_fifo_never_written_does_not_delay_other_scripts(dirs, exporter_factory)
     scripts, _ = dirs
     write_script(scripts, "mute.stp", "mode=fifo never_write")
     write_script(scripts, "fine.stp")
-    exp = exporter_factory()
+    # The stuck scrapes give up after 2 s, still long after fine.stp's ten.
+    exp = exporter_factory(["--scrape-timeout", "2"])
     exp.get_until("/fine.stp")
     exp.get("/mute.stp")  # starts it
     wait_for(lambda: row(exp, "mute.stp")["state"] in ("starting", "running"))

@@ -3,6 +3,7 @@ requests and never read the answers can neither hold slots forever nor make
 the exporter queue their input; well-behaved clients keep being served."""
 
 import socket
+import statistics
 import threading
 import time
 
@@ -118,11 +119,15 @@ def test_pipelining_clients_that_never_read_cannot_hold_the_slots(dirs, exporter
 
 
 def _well_behaved_client_is_served(exp, times=8):
+    """Every request answered, promptly as a rule: a client kept waiting for
+    a slot waits every time, while a busy machine can slow any one request."""
+    took = []
     for _ in range(times):
         t0 = time.monotonic()
         r = exp.get("/quick.stp", timeout=5)
         assert r.status == 200, r
-        assert time.monotonic() - t0 < 1.0
+        took.append(time.monotonic() - t0)
+    assert statistics.median(took) < 1.0, took
 
 
 def test_stalled_connections_give_up_their_slots(dirs, exporter_factory):

@@ -26,6 +26,7 @@ import pytest
 from conftest import (FAKESTAP, Exporter, pid_alive, processes_matching, stop_and_check,
                       wait_for, write_script)
 from localattack import OpenWatch, Secret, attacker, shared  # noqa: F401 (fixtures)
+from stapexporter_lib.scripts import leftovers
 
 
 
@@ -296,15 +297,17 @@ for _ in range(count):
                                               token] + words, {}, file_actions=quiet))
 """
 
-# Run as the attacker: COUNT empty files named like a dead exporter's
-# working directories in the directory DIR.
+# Run as the attacker: COUNT names of an empty file, named like a dead
+# exporter's working directories, in the directory DIR (hard links: making
+# as many files takes ten times as long, and the sweep sees the same).
 PLANT_FILES = r"""
 import os, sys
 directory, count, dead = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 fd = os.open(directory, os.O_RDONLY)
-for i in range(count):
-    os.close(os.open("stap-exporter.%s.%d" % (dead, i), os.O_CREAT | os.O_WRONLY, 0o600,
-                     dir_fd=fd))
+first = "stap-exporter.%s.0" % dead
+os.close(os.open(first, os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+for i in range(1, count):
+    os.link(first, "stap-exporter.%s.%d" % (dead, i), src_dir_fd=fd, dst_dir_fd=fd)
 """
 
 
@@ -331,12 +334,17 @@ def start_up_bound(*args, **kw):
 
 
 def serves_within(seconds, *args, **kw):
-    """An Exporter(*ARGS, **KW) that answered HTTP within SECONDS of its launch."""
-    exp, took = launch_to_serve(*args, **kw)
-    if took >= seconds:
+    """An Exporter(*ARGS, **KW) that answered HTTP within SECONDS of its
+    launch, in one of three launches: a moment's load on the machine can
+    slow one, a sweep that reads what others planted slows every one."""
+    took = []
+    for _ in range(3):
+        exp, seconds_taken = launch_to_serve(*args, **kw)
+        if seconds_taken < seconds:
+            return exp
         exp.stop()
-        raise AssertionError("the exporter served %.1f s after its launch" % took)
-    return exp
+        took.append(round(seconds_taken, 1))
+    raise AssertionError("the exporter served %s s after its launch" % took)
 
 
 def leftovers_lines(exp):
@@ -368,7 +376,7 @@ def test_other_users_huge_command_lines_do_not_delay_start_up(dirs, attacker):
 
 def test_other_users_look_alike_files_do_not_delay_start_up(dirs, attacker, tmpdir_shared):
     scripts, procfs = dirs
-    count = 100_000
+    count = leftovers.MAX_ENTRIES + 10_000     # more than one sweep looks at
     bound = start_up_bound(scripts, procfs, env={"TMPDIR": tmpdir_shared})
     attacker.run("python3", "-c", PLANT_FILES, tmpdir_shared, str(count), str(NO_SUCH_PID))
     exp = serves_within(bound, scripts, procfs, env={"TMPDIR": tmpdir_shared})
@@ -379,6 +387,9 @@ def test_other_users_look_alike_files_do_not_delay_start_up(dirs, attacker, tmpd
                          % (re.escape(os.path.join(tmpdir_shared, "stap-exporter.%d."
                                                    % NO_SUCH_PID)), attacker.uid), lines[0])
         assert re.search(r"event=leftovers msg=\"left \d+ more look-alikes alone", lines[-1])
+        assert any("looked at the first %d entries of %s only" % (leftovers.MAX_ENTRIES,
+                                                                   tmpdir_shared) in line
+                   for line in lines), lines
         assert len(os.listdir(tmpdir_shared)) >= count
     finally:
         exp.stop()
@@ -402,12 +413,13 @@ def test_cleanup_survives_deep_trees(dirs):
         deep_tree(built, DEPTH)
         assert exp.get_until("/deep.stp").status == 200
         os.rename(built, os.path.join(moddir, "nested"))  # at once, before the keepalive stop
-        exp.wait_log(r"event=stopped script=deep.stp", timeout=20)
-        assert not os.path.exists(moddir)
+        # The others meanwhile: the keepalive stops of deep.stp and nests.stp overlap.
+        assert exp.get_until("/nests.stp").status == 200
         deep_tree(str(procfs / (exp.module_prefix + "stale")), DEPTH)
         assert exp.get_until("/stale.stp").status == 200
         exp.wait_log(r"event=stale script=stale.stp msg=\"removed")
-        assert exp.get_until("/nests.stp").status == 200
+        exp.wait_log(r"event=stopped script=deep.stp", timeout=20)
+        assert not os.path.exists(moddir)
         exp.wait_log(r"event=stopped script=nests.stp", timeout=20)
         assert not [d for d in os.listdir(os.environ.get("TMPDIR", "/tmp"))
                     if d.startswith("stap-exporter.%d.%snests" % (exp.proc.pid,

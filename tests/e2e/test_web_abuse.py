@@ -1,7 +1,9 @@
 """Abusive clients against the web side, end to end: clients that send their
-headers slowly from many addresses, a wrong-password flood that outlasts any
-cache lifetime, requests that exist to fill the log, and another user taking
-the port while the exporter is down (socket activation)."""
+headers slowly from many addresses, requests that exist to fill the log, and
+another user taking the port while the exporter is down (socket activation).
+(Wrong-password floods: test_auth_limits.py; that a verified password is
+remembered however long they last: tests/unit/test_webconfig.py; the
+deadline for dripped headers: tests/unit/test_http_server.py.)"""
 
 import http.client
 import os
@@ -18,7 +20,6 @@ import pytest
 
 from conftest import EXPORTER, Exporter, wait_for, write_script
 from localattack import attacker  # noqa: F401  (a fixture)
-from test_auth_limits import WrongPasswordFlood, _basic, _web_config
 
 LEGIT = "127.0.0.99"
 SLOW_REQUEST = b"GET /quick.stp HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 4096
@@ -162,53 +163,6 @@ def _drain(sock):
         return bool(sock.recv(65536))
     except ConnectionResetError:
         return False
-
-
-def test_request_headers_have_a_short_deadline(dirs, exporter_factory):
-    """A client that drips its headers gets 408 after ten seconds, though
-    idle keep-alive connections are kept for --header-timeout (30 s)."""
-    exp = exporter_factory()
-    with connect_from(exp, "127.0.0.1", timeout=20) as s:
-        t0 = time.monotonic()
-        s.sendall(b"GET /-/healthy HTTP/1.1\r\n")
-        s.settimeout(0.5)
-        sent = 0
-        data = b""
-        while time.monotonic() - t0 < 20:
-            try:
-                data = s.recv(65536)
-                break
-            except socket.timeout:
-                s.send(b"X-Slow: a\r\n"[sent % 11:sent % 11 + 1])
-                sent += 1
-        took = time.monotonic() - t0
-    assert data.startswith(b"HTTP/1.1 408 "), data[:200]
-    assert 9 < took < 13, took
-
-
-def test_wrong_passwords_never_lock_out_a_verified_password(dirs, exporter_factory, tmp_path):
-    """A scraper whose password was verified keeps being served for the
-    whole of a wrong-password flood, also past the first minute."""
-    scripts, _ = dirs
-    write_script(scripts, "quick.stp")
-    cfg = _web_config(tmp_path, {"prom": ("s3cret", 10)})
-    exp = exporter_factory(["--web-config", cfg])
-    good = {"Authorization": _basic("prom", "s3cret")}
-    assert exp.get_until("/quick.stp", headers=good).status == 200
-    flood = WrongPasswordFlood(exp, count=40)
-    try:
-        wait_for(lambda: flood.statuses.get(503, 0) > 0, timeout=30,
-                 message="the flood to fill the bcrypt queue")
-        statuses = []
-        t_end = time.monotonic() + 70
-        while time.monotonic() < t_end:
-            statuses.append(exp.get("/quick.stp", headers=good, timeout=5).status)
-            time.sleep(1)
-        assert statuses == [200] * len(statuses), statuses
-        assert flood.statuses.get(401, 0) > 0, flood.statuses
-    finally:
-        flood.close()
-    assert "Traceback" not in exp.log_text()
 
 
 FLOODS = [

@@ -32,7 +32,9 @@ ABORTS = re.compile(r"signal: 6|Aborted|interrupt during exit probe|run failed|S
 
 def test_probe_end_runs_on_every_stop(start, scripts):
     write(scripts, "ending.stp", PROBE_END)
-    exp = start(["-k", "1", "--recompile", "--stop-timeout", "10"])
+    # A keepalive well above the gaps between get_until's polls (0.1 s):
+    # a start idled out before its output would never run its probe end.
+    exp = start(["-k", "0.5", "--recompile", "--stop-timeout", "10"])
     ended = re.compile(r"event=stdout script=ending\.stp .*probe-end-ran ticks=\d+")
     for i in range(STOPS):
         mark = len(exp.log_lines)

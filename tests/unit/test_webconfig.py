@@ -18,11 +18,14 @@ import gevent
 import pytest
 from gevent import pywsgi
 
-from stapexporter_lib.web.basicauth import AUTH_DENIED, AUTH_OK, CHALLENGE, BasicAuth
+from stapexporter_lib.web.basicauth import (AUTH_BUSY, AUTH_DENIED, AUTH_OK, AUTH_QUEUE,
+                                            CHALLENGE, BasicAuth)
 from stapexporter_lib.web.webconfig import WebConfigError, load, wrap_socket_args
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
+# Real seconds a check may take to catch up with an event.
+SETTLE = 5.0
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
 
 
@@ -290,6 +293,37 @@ def test_basic_auth_success_is_cached_failure_is_not(counted_checkpw):
     # Unknown users still cost one bcrypt each (no timing hint), never cached.
     assert auth.verify(basic("mallory", "s3cret")) == AUTH_DENIED
     assert len(counted_checkpw) == 4
+
+
+def test_a_verified_password_outlasts_any_time_and_a_full_queue(monkeypatch, counted_checkpw):
+    """Hours later, with every check slot taken by wrong passwords, the
+    verified password is still served at once, with no bcrypt check."""
+    auth = BasicAuth({"alice": hash_pw("s3cret").encode()})
+    assert auth.verify(basic("alice", "s3cret")) == AUTH_OK
+    later = 6 * 3600
+    for name in ("monotonic", "time"):
+        real = getattr(time, name)
+        monkeypatch.setattr(time, name, lambda real=real: real() + later)
+    release = threading.Event()
+    real_checkpw = bcrypt.checkpw
+
+    def held_checkpw(password, hashed):
+        release.wait(SETTLE)
+        return real_checkpw(password, hashed)
+    monkeypatch.setattr(bcrypt, "checkpw", held_checkpw)
+    flood = [gevent.spawn(auth.verify, basic("alice", "wrong")) for _ in range(AUTH_QUEUE)]
+    try:
+        with gevent.Timeout(SETTLE, AssertionError("the queue never filled")):
+            while auth._pending < AUTH_QUEUE:
+                gevent.sleep(0.001)
+        assert auth.verify(basic("alice", "wrong")) == AUTH_BUSY
+        with gevent.Timeout(SETTLE, AssertionError("the verified password waited")):
+            assert auth.verify(basic("alice", "s3cret")) == AUTH_OK
+        assert len(counted_checkpw) == 1
+    finally:
+        release.set()
+        gevent.joinall(flood, timeout=SETTLE)
+    assert [g.value for g in flood] == [AUTH_DENIED] * AUTH_QUEUE
 
 
 def test_basic_auth_remembers_one_password_per_user(counted_checkpw):
