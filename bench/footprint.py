@@ -9,7 +9,9 @@ read, several times over (a fresh exporter each time).  Then the same for
 ``prometheus-node-exporter`` on a loopback port, when it is installed
 (``apt-get install prometheus-node-exporter``), and for a bare python3 with
 the stack's imports alone (gevent patched as the exporter patches it,
-pywsgi, gevent.subprocess, docopt, prometheus_client): the floor.
+pywsgi, gevent.subprocess, docopt, prometheus_client): the floor; and the
+floor again with gevent's plugin look-up, which Debian 12's gevent does with
+pkg_resources.
 
     python3 bench/footprint.py [--repeat N] [--python PATH]
 """
@@ -25,15 +27,29 @@ import _common as C
 
 NODE_EXPORTER = "prometheus-node-exporter"
 SCRAPES = 5
-# What the exporter's own imports cost without its code: the floor.
-FLOOR = """
-from gevent import monkey
-monkey.patch_all(ssl=False, dns=False)
+# What the stack's imports cost without the exporter's code: the floor, gevent
+# patched as stapexporter.py patches it.  FLOOR_WITH_PLUGINS patches as
+# gevent.monkey does by default: before gevent 23.7 its plugin look-up imports
+# pkg_resources.
+STACK = """
 import gevent.pywsgi, gevent.subprocess, docopt, prometheus_client
 import sys, time
 sys.stdout.write("ready\\n"); sys.stdout.flush()
 time.sleep(60)
 """
+FLOOR = """
+import sys, types
+from gevent import monkey
+no_plugins = types.ModuleType("pkg_resources")
+no_plugins.iter_entry_points = lambda group, name=None: iter(())
+sys.modules.setdefault("pkg_resources", no_plugins)
+monkey.patch_all(ssl=False, dns=False)
+del sys.modules["pkg_resources"]
+""" + STACK
+FLOOR_WITH_PLUGINS = """
+from gevent import monkey
+monkey.patch_all(ssl=False, dns=False)
+""" + STACK
 
 
 def compiled_copy(python, tmp):
@@ -83,8 +99,8 @@ def node_exporter_rss():
         C.stop_process(proc)
 
 
-def floor_rss(python):
-    proc = subprocess.Popen([python, "-c", FLOOR], stdout=subprocess.PIPE,
+def floor_rss(python, code):
+    proc = subprocess.Popen([python, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     C.on_exit(lambda: C.stop_process(proc))
     try:
@@ -106,9 +122,12 @@ def main():
     ours = [exporter_rss(args.python, tmp) for _ in range(args.repeat)]
     rows.append(["stap-exporter, idle, after %d scrapes of /metrics" % SCRAPES,
                  "%.1f" % C.median(ours), "%.1f..%.1f" % (min(ours), max(ours))])
-    floor = [floor_rss(args.python) for _ in range(args.repeat)]
+    floor = [floor_rss(args.python, FLOOR) for _ in range(args.repeat)]
     rows.append(["floor: python3 with the stack's imports only", "%.1f" % C.median(floor),
                  "%.1f..%.1f" % (min(floor), max(floor))])
+    plugins = [floor_rss(args.python, FLOOR_WITH_PLUGINS) for _ in range(args.repeat)]
+    rows.append(["same, gevent's plugins looked up (pkg_resources, gevent < 23.7)",
+                 "%.1f" % C.median(plugins), "%.1f..%.1f" % (min(plugins), max(plugins))])
     node = [node_exporter_rss() for _ in range(args.repeat)]
     if node[0] is None:
         rows.append([NODE_EXPORTER, "not installed", "-"])

@@ -60,11 +60,17 @@ def make_listener(addr: Optional[str], port: int) -> gsocket.socket:
     candidates = [("::", True), ("0.0.0.0", False)] if addr is None else [(addr, False)]
     last = None
     for host, dual in candidates:
+        # A str host goes through the idna codec, whose import (with
+        # stringprep's tables) would stay resident: ASCII is passed as bytes.
+        name = host.encode("ascii") if host.isascii() else host
         try:
-            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+            infos = socket.getaddrinfo(name, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
                                        socket.AI_PASSIVE | socket.AI_NUMERICSERV)
         except socket.gaierror as exc:
             last = "cannot listen on %s: %s" % (host, exc.strerror)
+            continue
+        except UnicodeError:  # an empty or over-long label of a non-ASCII name
+            last = "cannot listen on %s: not a valid host name" % host
             continue
         family, _, _, _, sockaddr = infos[0]
         sock = gsocket.socket(family, socket.SOCK_STREAM)

@@ -101,6 +101,8 @@ def test_port_in_use(tmp_path):
 @pytest.mark.parametrize("addr,fragment", [
     ("192.0.2.1", "192.0.2.1"),        # TEST-NET: not an address of this host
     ("not-an-address", "not-an-address"),
+    ("a..b", "a..b"),                  # an empty label
+    ("\u00e4..b", "not a valid host name"),  # the same, not ASCII (the idna codec's refusal)
 ])
 def test_address_not_bindable(tmp_path, addr, fragment):
     assert_one_line_error(run("-s", str(tmp_path), "--listen", addr, "-p", "0"),
