@@ -800,6 +800,7 @@ def test_broken_scripts_and_no_fd_leak(dirs, exporter_factory):
             results[name] = (r, time.monotonic() - t0, want, within)
 
         def good():
+            exp.get_until("/good.stp", timeout=10)  # its start, beside six others
             for _ in range(10):
                 t0 = time.monotonic()
                 r = exp.get("/good.stp", timeout=5)
@@ -821,9 +822,9 @@ def test_broken_scripts_and_no_fd_leak(dirs, exporter_factory):
         assert results["bad.stp"][0].body.decode("utf-8")  # valid UTF-8 now
         assert "exit status 3" in results["instant.stp"][0].text
         assert all(s == 200 for s, _ in results["good"]), results["good"]
-        # good.stp answered promptly while the others hung (the first one
-        # may include its start).
-        assert all(t < 1.0 for _, t in results["good"][1:]), results["good"]
+        # good.stp answered while the others hung (they take 6 s and more;
+        # the bound leaves room for a loaded machine).
+        assert all(t < 2.5 for _, t in results["good"]), results["good"]
         # Everything stops after the keepalive period, even the stubborn one.
         wait_for(lambda: not exp.children(), timeout=20, message="all scripts to stop")
         try:
