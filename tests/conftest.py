@@ -317,8 +317,12 @@ def write_script(directory, name, directives="", executable=False, body=None):
 
 @pytest.fixture
 def dirs(tmp_path):
-    scripts = tmp_path / "scripts"
-    procfs = tmp_path / "procfs"
+    return make_dirs(tmp_path)
+
+
+def make_dirs(base):
+    """(scripts, procfs): empty directories under BASE, as an exporter needs."""
+    scripts, procfs = base / "scripts", base / "procfs"
     scripts.mkdir()
     procfs.mkdir()
     return scripts, procfs

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Exporter, stop_and_check, write_script
+from conftest import Exporter, make_dirs, stop_and_check, write_script
 
 DEADLINE = 5.0
 STATUS_RE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
@@ -24,10 +24,7 @@ STATUS_RE = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
 
 @pytest.fixture(scope="module")
 def fuzz_exporter(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fuzz")
-    scripts, procfs = base / "scripts", base / "procfs"
-    scripts.mkdir()
-    procfs.mkdir()
+    scripts, procfs = make_dirs(tmp_path_factory.mktemp("fuzz"))
     write_script(scripts, "good.stp")
     write_script(scripts, "fifo.stp", "mode=fifo")
     write_script(scripts, "broken.stp", "fail")

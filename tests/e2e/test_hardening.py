@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (Exporter, pid_alive, processes_matching, stop_and_check,
+from conftest import (Exporter, make_dirs, pid_alive, processes_matching, stop_and_check,
                       wait_for, write_script)
 from stapexporter_lib.states import ALL_STATES
 
@@ -423,10 +423,7 @@ MALFORMED_CLOSE = {"garbage", "binary", "one-word", "four-words", "bad-version",
 def exporter(tmp_path_factory):
     """One exporter for the requests below, each of which it must survive:
     a malformed request must not change how it answers the next one."""
-    base = tmp_path_factory.mktemp("malformed")
-    scripts, procfs = base / "scripts", base / "procfs"
-    scripts.mkdir()
-    procfs.mkdir()
+    scripts, procfs = make_dirs(tmp_path_factory.mktemp("malformed"))
     write_script(scripts, "quick.stp")
     exp = Exporter(scripts, procfs, env={"STAPEXP_TEST_CANARY": "canary-8d1f0e55a7"})
     try:

@@ -6,7 +6,7 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Exporter, stop_and_check, write_script
+from conftest import Exporter, make_dirs, stop_and_check, write_script
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,10 +27,7 @@ def exporter(dirs, exporter_factory):
 @pytest.fixture(scope="module")
 def untouched(tmp_path_factory):
     """One exporter for the requests that must start nothing: none does."""
-    base = tmp_path_factory.mktemp("untouched")
-    scripts, procfs = base / "scripts", base / "procfs"
-    scripts.mkdir()
-    procfs.mkdir()
+    scripts, procfs = make_dirs(tmp_path_factory.mktemp("untouched"))
     write_scripts(scripts)
     exp = Exporter(scripts, procfs)
     try:
