@@ -361,12 +361,13 @@ REQUIRE_REALSTAP = os.environ.get("STAP_EXPORTER_REQUIRE_REALSTAP") == "1"
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Where the real runtime and peers are required (CI), a skipped realstap
-    or peers test fails."""
+    """Where the real runtime and peers are required (CI), a skipped realstap,
+    peers or debian_tools test fails."""
     outcome = yield
     report = outcome.get_result()
     if REQUIRE_REALSTAP and report.skipped and (item.get_closest_marker("realstap")
-                                                or item.get_closest_marker("peers")):
+                                                or item.get_closest_marker("peers")
+                                                or item.get_closest_marker("debian_tools")):
         report.outcome = "failed"
         report.longrepr = ("realstap test skipped but STAP_EXPORTER_REQUIRE_REALSTAP=1: %s"
                            % (report.longrepr,))

@@ -3,7 +3,10 @@ logins cannot starve scrapes, and the time a failure takes does not tell
 which user names exist."""
 
 import base64
+import email.utils
+import glob
 import http.client
+import os
 import re
 import selectors
 import socket
@@ -12,6 +15,7 @@ import threading
 import time
 
 import bcrypt
+import pytest
 
 from conftest import wait_for, write_script
 
@@ -124,6 +128,51 @@ def test_wrong_passwords_do_not_starve_scrapes(dirs, exporter_factory, tmp_path)
         assert flood.statuses.get(401, 0) > 0, flood.statuses
         exp.wait_log(r'event=auth client=127\.0\.0\.1:\d+ user=prom msg="refused: \d+'
                      r' authentication checks under way; answered 503')
+    finally:
+        flood.close()
+    assert "Traceback" not in exp.log_text()
+
+
+LIBFAKETIME = next(iter(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")), "libfaketime.so.1")
+
+
+@pytest.mark.debian_tools
+@pytest.mark.skipif(not os.path.exists(LIBFAKETIME), reason="libfaketime is not installed")
+def test_a_verified_password_outlasts_hours_of_wrong_ones(dirs, exporter_factory, tmp_path):
+    """The exporter's clocks are moved two hours on in the middle of a flood
+    (libfaketime reads the offset from a file on every clock call): a
+    password verified before the flood is still served at once, with every
+    bcrypt slot taken by wrong ones."""
+    scripts, _ = dirs
+    write_script(scripts, "quick.stp")
+    cfg = _web_config(tmp_path, {"prom": ("s3cret", 10)})
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": str(offset),
+           "FAKETIME_NO_CACHE": "1"}
+    # A long keepalive: the clock's jump must not stop the script as idle.
+    exp = exporter_factory(["--web-config", cfg, "--keepalive", "86400"], env=env)
+    good = {"Authorization": _basic("prom", "s3cret")}
+    assert exp.get_until("/quick.stp", headers=good).status == 200
+    flood = WrongPasswordFlood(exp)
+    try:
+        wait_for(lambda: sum(flood.statuses.values()) >= ATTACKERS, timeout=30,
+                 message="the flood to get going")
+        offset.write_text("+2h\n")
+
+        def server_clock_moved():
+            date = exp.get("/-/healthy", timeout=5).header("Date")  # 401 without a password
+            return email.utils.parsedate_to_datetime(date).timestamp() > time.time() + 3600
+        wait_for(server_clock_moved, timeout=10, message="the exporter's clock to move on")
+        statuses = []
+        for _ in range(6):
+            try:
+                statuses.append(exp.get("/quick.stp", headers=good, timeout=5).status)
+            except OSError as err:
+                statuses.append(repr(err))
+            time.sleep(0.2)
+        assert statuses == [200] * 6
+        assert flood.statuses.get(401, 0) > 0, flood.statuses
     finally:
         flood.close()
     assert "Traceback" not in exp.log_text()
