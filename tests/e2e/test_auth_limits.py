@@ -3,6 +3,7 @@ logins cannot starve scrapes, and the time a failure takes does not tell
 which user names exist."""
 
 import base64
+import contextlib
 import email.utils
 import glob
 import http.client
@@ -101,22 +102,35 @@ class WrongPasswordFlood:
             key.fileobj.close()
 
 
-def test_wrong_passwords_do_not_starve_scrapes(dirs, exporter_factory, tmp_path):
+GOOD = {"Authorization": _basic("prom", "s3cret")}
+
+
+@contextlib.contextmanager
+def _flooded(dirs, exporter_factory, tmp_path, args=(), env=None):
+    """An exporter that has served quick.stp once with the correct password
+    (GOOD), then under a flood of wrong ones; yields (exporter, flood)."""
     scripts, _ = dirs
     write_script(scripts, "quick.stp")      # output is a regular file, read in a thread
     cfg = _web_config(tmp_path, {"prom": ("s3cret", 10)})
-    exp = exporter_factory(["--web-config", cfg])
-    good = {"Authorization": _basic("prom", "s3cret")}
-    assert exp.get_until("/quick.stp", headers=good).status == 200
+    exp = exporter_factory(["--web-config", cfg] + list(args), env=env)
+    assert exp.get_until("/quick.stp", headers=GOOD).status == 200
     flood = WrongPasswordFlood(exp)
     try:
         wait_for(lambda: sum(flood.statuses.values()) >= ATTACKERS, timeout=30,
                  message="the flood to get going")
+        yield exp, flood
+    finally:
+        flood.close()
+    assert "Traceback" not in exp.log_text()
+
+
+def test_wrong_passwords_do_not_starve_scrapes(dirs, exporter_factory, tmp_path):
+    with _flooded(dirs, exporter_factory, tmp_path) as (exp, flood):
         t_end = time.monotonic() + 3
         took = []
         while time.monotonic() < t_end:
             t0 = time.monotonic()
-            r = exp.get("/quick.stp", headers=good, timeout=5)
+            r = exp.get("/quick.stp", headers=GOOD, timeout=5)
             took.append(time.monotonic() - t0)
             assert r.status == 200, r
             time.sleep(0.1)
@@ -128,9 +142,6 @@ def test_wrong_passwords_do_not_starve_scrapes(dirs, exporter_factory, tmp_path)
         assert flood.statuses.get(401, 0) > 0, flood.statuses
         exp.wait_log(r'event=auth client=127\.0\.0\.1:\d+ user=prom msg="refused: \d+'
                      r' authentication checks under way; answered 503')
-    finally:
-        flood.close()
-    assert "Traceback" not in exp.log_text()
 
 
 LIBFAKETIME = next(iter(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")), "libfaketime.so.1")
@@ -143,21 +154,12 @@ def test_a_verified_password_outlasts_hours_of_wrong_ones(dirs, exporter_factory
     (libfaketime reads the offset from a file on every clock call): a
     password verified before the flood is still served at once, with every
     bcrypt slot taken by wrong ones."""
-    scripts, _ = dirs
-    write_script(scripts, "quick.stp")
-    cfg = _web_config(tmp_path, {"prom": ("s3cret", 10)})
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
     env = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": str(offset),
            "FAKETIME_NO_CACHE": "1"}
     # A long keepalive: the clock's jump must not stop the script as idle.
-    exp = exporter_factory(["--web-config", cfg, "--keepalive", "86400"], env=env)
-    good = {"Authorization": _basic("prom", "s3cret")}
-    assert exp.get_until("/quick.stp", headers=good).status == 200
-    flood = WrongPasswordFlood(exp)
-    try:
-        wait_for(lambda: sum(flood.statuses.values()) >= ATTACKERS, timeout=30,
-                 message="the flood to get going")
+    with _flooded(dirs, exporter_factory, tmp_path, ["--keepalive", "86400"], env) as (exp, flood):
         offset.write_text("+2h\n")
 
         def server_clock_moved():
@@ -167,15 +169,12 @@ def test_a_verified_password_outlasts_hours_of_wrong_ones(dirs, exporter_factory
         statuses = []
         for _ in range(6):
             try:
-                statuses.append(exp.get("/quick.stp", headers=good, timeout=5).status)
+                statuses.append(exp.get("/quick.stp", headers=GOOD, timeout=5).status)
             except OSError as err:
                 statuses.append(repr(err))
             time.sleep(0.2)
         assert statuses == [200] * 6
         assert flood.statuses.get(401, 0) > 0, flood.statuses
-    finally:
-        flood.close()
-    assert "Traceback" not in exp.log_text()
 
 
 def _failure_time(exp, user, password):
