@@ -103,6 +103,22 @@ class WrongPasswordFlood:
 
 
 GOOD = {"Authorization": _basic("prom", "s3cret")}
+SCRAPER = "127.0.0.2"   # Prometheus, on another host than the attacker
+
+
+def _scrape(exp):
+    """GET /quick.stp with the correct password from SCRAPER's address: the
+    flood fills 127.0.0.1's share of connections (--max-connections-per-client),
+    which is answered 503 by design, not what is tested here."""
+    conn = http.client.HTTPConnection(exp.host, exp.port, timeout=5,
+                                      source_address=(SCRAPER, 0))
+    try:
+        conn.request("GET", "/quick.stp", headers=GOOD)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    return resp.status if resp.status == 200 else (resp.status, body[:120])
 
 
 @contextlib.contextmanager
@@ -130,9 +146,9 @@ def test_wrong_passwords_do_not_starve_scrapes(dirs, exporter_factory, tmp_path)
         took = []
         while time.monotonic() < t_end:
             t0 = time.monotonic()
-            r = exp.get("/quick.stp", headers=GOOD, timeout=5)
+            status = _scrape(exp)
             took.append(time.monotonic() - t0)
-            assert r.status == 200, r
+            assert status == 200, status
             time.sleep(0.1)
         # (The hub itself is saturated by the flood on a small machine: the
         # scrapes wait their turn, but never for bcrypt.)
@@ -176,7 +192,7 @@ def test_a_verified_password_outlasts_hours_of_wrong_ones(dirs, exporter_factory
             wait_for(server_clock_moved, timeout=10, message="the exporter's clock to move on")
             for _ in range(2):
                 try:
-                    statuses.append(exp.get("/quick.stp", headers=GOOD, timeout=5).status)
+                    statuses.append(_scrape(exp))
                 except OSError as err:
                     statuses.append(repr(err))
                 time.sleep(0.2)
