@@ -178,8 +178,22 @@ def signal_members(pgid: int, sig: int, proc_root: str = PROC,
     descends from ANCESTOR (default: this process).  Returns the pids
     signalled and the members refused; members that exit meanwhile are
     neither.  Without pidfds (Linux < 5.3) every member is refused: nothing
-    else proves which process a pid is."""
+    else proves which process a pid is.
+
+    A look that finds nobody is taken once more before the group counts as
+    empty: /proc is listed before its entries are read, so one look can miss
+    a process that a member forked just before it exited (the member is gone
+    when read, its child came after the listing)."""
     ancestor = ancestor or os.getpid()
+    for _ in range(2):
+        signalled, refused = _look(pgid, sig, proc_root, ancestor)
+        if signalled or refused:
+            break
+    return signalled, refused
+
+
+def _look(pgid: int, sig: int, proc_root: str, ancestor: int) -> Tuple[List[int], List[Refused]]:
+    """One pass of ``signal_members`` over the group's members as listed now."""
     signalled, refused = [], []
     for pid in group_members(pgid, proc_root):
         try:

@@ -98,6 +98,23 @@ def test_members_below_us_are_signalled_after_the_leader_was_reaped(subreaper, d
         kill_quietly(member)
 
 
+def test_a_look_that_finds_nobody_is_taken_once_more(subreaper, monkeypatch):
+    """/proc is listed before its entries are read: a look whose listing came
+    before a member's child (its parent forked it and exited meanwhile) finds
+    nobody.  Here the first listing names only a pid that has gone since."""
+    pgid, member = leaderless_group(1)
+    listings = [[5_000_001]]  # above any pid_max: never a live process
+    real = pgroup.group_members
+    monkeypatch.setattr(pgroup, "group_members",
+                        lambda *args: listings.pop() if listings else real(*args))
+    try:
+        assert pgroup.signal_members(pgid, 0) == ([member], [])
+        assert not listings
+    finally:
+        kill_quietly(member)
+        reaped([member])
+
+
 def reaped(pids):
     """Reap whichever of PIDS are our zombies (orphans come to the test as
     their subreaper); True once all are gone."""
