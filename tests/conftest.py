@@ -184,8 +184,10 @@ class Exporter:
                                          % (pattern, timeout, "\n".join(self.log_lines[-40:])))
                 self._log_cond.wait(min(left, 0.2))
 
-    def request(self, path, method="GET", headers=None, timeout=10.0):
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+    def request(self, path, method="GET", headers=None, timeout=10.0, source=None):
+        """PATH's response, on a new connection (from address SOURCE, if given)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout,
+                                          source_address=(source, 0) if source else None)
         try:
             conn.request(method, path, headers=headers or {})
             resp = conn.getresponse()

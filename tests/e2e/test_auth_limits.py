@@ -110,15 +110,8 @@ def _scrape(exp):
     """GET /quick.stp with the correct password from SCRAPER's address: the
     flood fills 127.0.0.1's share of connections (--max-connections-per-client),
     which is answered 503 by design, not what is tested here."""
-    conn = http.client.HTTPConnection(exp.host, exp.port, timeout=5,
-                                      source_address=(SCRAPER, 0))
-    try:
-        conn.request("GET", "/quick.stp", headers=GOOD)
-        resp = conn.getresponse()
-        body = resp.read()
-    finally:
-        conn.close()
-    return resp.status if resp.status == 200 else (resp.status, body[:120])
+    r = exp.get("/quick.stp", headers=GOOD, timeout=5, source=SCRAPER)
+    return r.status if r.status == 200 else (r.status, r.body[:120])
 
 
 @contextlib.contextmanager

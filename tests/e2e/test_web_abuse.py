@@ -5,7 +5,6 @@ another user taking the port while the exporter is down (socket activation).
 remembered however long they last: tests/unit/test_webconfig.py; the
 deadline for dripped headers: tests/unit/test_http_server.py.)"""
 
-import http.client
 import os
 import re
 import selectors
@@ -32,14 +31,8 @@ def connect_from(exp, source, timeout=5.0):
 
 def get_from(exp, source, path, headers=None, timeout=5.0):
     """(status, body) of GET PATH on a new connection from SOURCE."""
-    conn = http.client.HTTPConnection(exp.host, exp.port, timeout=timeout,
-                                      source_address=(source, 0))
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    r = exp.get(path, headers=headers, timeout=timeout, source=source)
+    return r.status, r.body
 
 
 class SlowHeaders:
